@@ -1,0 +1,1 @@
+"""tapeflow dataflows: feeds -> validation -> bars -> store (no Panel/Bokeh imports here)."""
