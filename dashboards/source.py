@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -195,7 +196,7 @@ class FrameSource:
         seed: int = 0,
         end: str | pd.Timestamp = "2024-01-02 16:00",
         empty: Sequence[str] = (),
-    ) -> "FrameSource":
+    ) -> FrameSource:
         """Return a source with seeded random-walk bars (``empty`` symbols are listed, bar-less).
 
         Examples
@@ -204,14 +205,16 @@ class FrameSource:
         >>> src.symbols(), len(src.bars("5m", "BBB")), len(src.bars("1m", "NEW"))
         (['AAA', 'BBB', 'NEW'], 5, 0)
         """
-        names = [f"SYM{i:02d}" for i in range(symbols)] if isinstance(symbols, int) else list(symbols)
+        names = ([f"SYM{i:02d}" for i in range(symbols)] if isinstance(symbols, int)
+                 else list(symbols))
         rng = np.random.default_rng(seed)
         sectors = ("Technology", "Energy", "Financials", "Health Care")
         end_ns = pd.Timestamp(end).value
         frames = {}
         for tf in timeframes:
             step = TIMEFRAMES[tf]
-            times = ((end_ns // step) * step - step * np.arange(n_bars)[::-1]).view("datetime64[ns]")
+            opens = (end_ns // step) * step - step * np.arange(n_bars)[::-1]
+            times = opens.view("datetime64[ns]")
             parts = []
             for i, sym in enumerate(names):
                 close = (10.0 * (i + 1)) * np.exp(np.cumsum(rng.normal(0, 0.004, n_bars)))
@@ -220,7 +223,8 @@ class FrameSource:
                 volume = rng.integers(100, 5000, n_bars).astype("float64")
                 parts.append(pd.DataFrame({
                     "time": times, "symbol": sym, "open": open_,
-                    "high": np.maximum(open_, close) + spread, "low": np.minimum(open_, close) - spread,
+                    "high": np.maximum(open_, close) + spread,
+                    "low": np.minimum(open_, close) - spread,
                     "close": close, "volume": volume, "trades": rng.integers(1, 80, n_bars),
                     "vwap": (open_ + close) / 2,
                 }))
@@ -246,16 +250,16 @@ class FrameSource:
                 size = float(rng.integers(1, 200))
                 if new_bar:
                     time = last.index[-1] + pd.Timedelta(TIMEFRAMES[tf], "ns")
-                    row = dict(open=price, high=price, low=price, close=price, volume=size,
-                               trades=1, vwap=price)
+                    row = {"open": price, "high": price, "low": price, "close": price,
+                           "volume": size, "trades": 1, "vwap": price}
                 else:
                     time = last.index[-1]
                     volume = float(bar["volume"]) + size
-                    row = dict(open=float(bar["open"]), high=max(float(bar["high"]), price),
-                               low=min(float(bar["low"]), price), close=price, volume=volume,
-                               trades=int(bar["trades"]) + 1,
-                               vwap=(float(bar["vwap"]) * float(bar["volume"]) + price * size)
-                               / volume)
+                    row = {"open": float(bar["open"]), "high": max(float(bar["high"]), price),
+                           "low": min(float(bar["low"]), price), "close": price,
+                           "volume": volume, "trades": int(bar["trades"]) + 1,
+                           "vwap": (float(bar["vwap"]) * float(bar["volume"]) + price * size)
+                           / volume}
                 self.upsert(tf, sym, pd.DataFrame(row, index=pd.DatetimeIndex([time], name="time")))
 
     def simulate(self, period: float = 0.3, bar_every: int = 4, seed: int = 0) -> threading.Event:

@@ -30,7 +30,7 @@ class AppState(param.Parameterized):
         Number of most recent bars loaded and kept by the live chart.""")
 
     @classmethod
-    def from_source(cls, source, **params) -> "AppState":
+    def from_source(cls, source, **params) -> AppState:
         """Return a state whose choices are the ``source``'s symbols and timeframes.
 
         The first symbol and the first timeframe are selected unless given in ``params``.

@@ -198,6 +198,9 @@ class BarFrame:
 
     def rows_for(self, buckets: np.ndarray, n_sym: int) -> np.ndarray:
         """Return the row of each bucket time, inserting empty rows for new ones."""
+        if self.n and buckets[0] == buckets[-1] == self.times[self.n - 1] and n_sym <= self.n_sym:
+            self.dirty_from = min(self.dirty_from, int(buckets[0]))
+            return np.full(len(buckets), self.n - 1, dtype=np.int64)  # the open bar: most batches
         times = self.times[: self.n]
         ub = np.unique(buckets)
         pos = np.searchsorted(times, ub)

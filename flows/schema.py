@@ -114,6 +114,10 @@ class SymbolTable:
     def names(self) -> tuple[str, ...]:
         return tuple(self._names)
 
+    def lookup(self, name: str) -> int | None:
+        """Return the code of ``name``, or None when it is not in the table."""
+        return self._index.get(name)
+
     def code(self, name: str) -> int:
         """Return the code of ``name``, adding it when new."""
         code = self._index.get(name)

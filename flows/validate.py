@@ -144,12 +144,14 @@ class TradeIdDeduper:
         return dup
 
     def _remember(self, sorted_keys: np.ndarray) -> None:
+        # Size-tiered merging (as in an LSM tree): a chunk merges into the one before it while
+        # that one is not more than twice its size, so there are O(log n) chunks and each key
+        # is re-sorted O(log n) times. "stable" sorts two sorted runs by merging them.
         self._chunks.append(sorted_keys)
         self._size += len(sorted_keys)
-        if len(self._chunks) > 32:  # merge the older half so lookups touch few chunks
-            half = len(self._chunks) // 2
-            merged = np.sort(np.concatenate(self._chunks[:half]))
-            self._chunks = [merged] + self._chunks[half:]
+        while len(self._chunks) > 1 and len(self._chunks[-2]) <= 2 * len(self._chunks[-1]):
+            last = self._chunks.pop()
+            self._chunks[-1] = np.sort(np.concatenate([self._chunks[-1], last]), kind="stable")
         while self._size > self.capacity and len(self._chunks) > 1:
             self._size -= len(self._chunks.pop(0))
 

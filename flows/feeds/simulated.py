@@ -85,8 +85,8 @@ _REGIME_ACT = _REGIME_ACT / float(_REGIME_ACT @ (_REGIME_DWELL / _REGIME_DWELL.s
 
 _TRADING_SECONDS_PER_YEAR = 252 * 23_400
 _MARKET_VOL, _SECTOR_VOL = 0.15, 0.10  # annualized factor volatilities
-_LOGVOL_TAU, _LOGVOL_SD, _LOGVOL_KICK = 600.0, 0.35, 0.8
-_JUMP_RATE, _JUMP_SD = 1 / 3600.0, 0.02  # per stock per second; log-return s.d.
+_LOGVOL_TAU, _LOGVOL_SD, _LOGVOL_KICK = 900.0, 0.5, 0.8
+_JUMP_RATE, _JUMP_SD = 1 / 23_400.0, 0.015  # per stock per second (~1 a session); log s.d.
 _BURST_SHARE, _BURST_MEAN, _BURST_TAU = 0.2, 40.0, 3.0  # share of trades, trades/burst, decay s
 _TICK = 0.01
 

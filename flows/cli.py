@@ -1,0 +1,233 @@
+"""The ``tapeflow`` command: serve, run and replay.
+
+Every command takes ``--store`` and ``--timeframes`` and exits non-zero with a one-line reason
+on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from flows.schema import TIMEFRAMES, parse_timeframes
+
+EPILOG = """examples:
+  tapeflow serve                              simulated market -> data/market.zarr + http://127.0.0.1:5006
+  tapeflow run --duration 60 --symbols 500    the flow headless for a minute
+  tapeflow replay trades.parquet --speed max  a recording into the store, with a reconciliation
+"""
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line."""
+
+
+def _speed(text: str) -> float | None:
+    if text == "max":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"speed must be 'max' or a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"speed must be 'max' or a positive number, got {text!r}")
+    return value
+
+
+def _timeframes(text: str) -> tuple[str, ...]:
+    try:
+        return parse_timeframes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tapeflow", description="Market data flows: trades -> OHLCV bars in Zarr -> live dashboards.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", default="data/market.zarr", metavar="PATH",
+                        help="Zarr store to write (default: %(default)s)")
+    common.add_argument("--timeframes", type=_timeframes, default=tuple(TIMEFRAMES), metavar="LIST",
+                        help=f"comma-separated bar timeframes (default: {','.join(TIMEFRAMES)})")
+    common.add_argument("--window", type=_positive_int, default=120, metavar="MIN",
+                        help="minutes late trades may still amend their bar; older ones are "
+                             "quarantined as too_late (default: %(default)s)")
+    common.add_argument("--history", type=_positive_int, default=500, metavar="BARS",
+                        help="bars per timeframe kept in memory (default: %(default)s)")
+    common.add_argument("--fresh", action="store_true", help="delete the store first and start empty")
+
+    market = argparse.ArgumentParser(add_help=False)
+    market.add_argument("--feed", default="simulated", choices=["simulated"],
+                        help="trade source (default: %(default)s)")
+    market.add_argument("--symbols", type=_positive_int, default=100, metavar="N",
+                        help="simulated market: number of symbols (default: %(default)s)")
+    market.add_argument("--rate", type=_positive_float, default=2000.0, metavar="TPS",
+                        help="simulated market: mean trades per second (default: %(default)s)")
+    market.add_argument("--seed", type=int, default=0, help="simulated market: seed (default: %(default)s)")
+
+    p = sub.add_parser("serve", parents=[common, market], help="run the flow and serve the dashboard",
+                       description="Run the simulated market (or --feed) through the flow into the "
+                                   "store and serve the dashboard.")
+    p.add_argument("--port", type=int, default=5006, help="HTTP port (default: %(default)s)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 to serve the team's network (default: %(default)s)")
+    p.add_argument("--show", action="store_true", help="open a browser tab")
+
+    p = sub.add_parser("run", parents=[common, market], help="run the flow headless",
+                       description="Run the flow headless, printing a status line, until --duration or Ctrl-C.")
+    p.add_argument("--duration", type=_positive_float, default=None, metavar="S",
+                   help="stop after S seconds (default: run until interrupted)")
+    p.add_argument("--fast", action="store_true",
+                   help="simulated market: run as fast as possible instead of in real time")
+
+    p = sub.add_parser("replay", parents=[common], help="replay recorded trades into the store",
+                       description="Replay recorded trades through the same flow into the store and "
+                                   "print the reconciliation. A replay stopped part-way resumes "
+                                   "where it stopped when run again on the same store.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="CSV, Parquet or Binance JSONL capture")
+    p.add_argument("--format", choices=["csv", "parquet", "binance"], default=None,
+                   help="file format (default: from the extension)")
+    p.add_argument("--time-unit", choices=["s", "ms", "us", "ns"], default=None,
+                   help="unit of numeric epoch times (default: inferred from their magnitude)")
+    p.add_argument("--speed", type=_speed, default=None, metavar="max|X",
+                   help="'max' (default) or a factor of real time, e.g. 10")
+    return parser
+
+
+def _make_flow(args: argparse.Namespace, feed: str):
+    from flows.pipeline import Flow, FlowConfig
+
+    if args.history <= args.window:
+        raise UserError(f"--history ({args.history}) must be larger than --window ({args.window})")
+    store = Path(args.store)
+    if args.fresh and store.exists():
+        if not (store / "zarr.json").exists():
+            raise UserError(f"--fresh: {store} does not look like a tapeflow store; not deleting it")
+        shutil.rmtree(store)
+    return Flow(FlowConfig(store=str(store), timeframes=args.timeframes, window=args.window,
+                           history=args.history, feed=feed))
+
+
+def _install_sigterm() -> None:
+    def handler(signum, frame):  # turn SIGTERM into a clean shutdown (final flush)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from flows.runner import Progress, check_readable, format_summary, replay_files
+
+    for name in args.files:  # before touching the store
+        check_readable(name)
+    flow = _make_flow(args, "replay")
+    try:
+        summary = replay_files(flow, args.files, fmt=args.format, time_unit=args.time_unit,
+                               speed=args.speed, progress=Progress())
+    finally:
+        flow.close()
+    format_summary(flow, summary)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.runner import format_summary, start_simulated
+
+    flow = _make_flow(args, args.feed)
+    stop = threading.Event()
+    thread = start_simulated(flow, n_symbols=args.symbols, rate=args.rate, seed=args.seed,
+                             realtime=not args.fast, duration_s=args.duration, stop=stop)
+    t0 = time.monotonic()
+    try:
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            c = flow.counters
+            print(f"\r{time.monotonic() - t0:7.1f} s  received {c.received:,}  accepted {c.accepted:,}  "
+                  f"quarantined {c.quarantined_total:,}", end="", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        stop.set()
+        thread.join()
+    finally:
+        print(file=sys.stderr)
+        flow.close()
+    format_summary(flow)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dashboards.app import serve
+    from flows.runner import start_simulated
+
+    flow = _make_flow(args, args.feed)
+    stop = threading.Event()
+    start_simulated(flow, n_symbols=args.symbols, rate=args.rate, seed=args.seed, stop=stop)
+    url = f"http://{args.address}:{args.port}"
+    try:
+        server = serve(flow, port=args.port, address=args.address, show=args.show, threaded=False, start=False)
+    except OSError as exc:
+        stop.set()
+        flow.close()
+        raise UserError(f"cannot listen on {url}: {exc.strerror or exc}") from None
+    print(f"serving on {url} (store {args.store}); Ctrl-C to stop", flush=True)
+    try:
+        server.start()
+        server.io_loop.start()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        flow.close()
+        print("stopped; store flushed", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from flows.feeds import FeedError
+    from flows.store import StoreError
+
+    _install_sigterm()
+    handlers = {"serve": cmd_serve, "run": cmd_run, "replay": cmd_replay}
+    try:
+        return handlers[args.command](args)
+    except (UserError, FeedError, StoreError) as exc:
+        print(f"tapeflow {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"tapeflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

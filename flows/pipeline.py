@@ -1,0 +1,279 @@
+"""Wiring only: the streamz graph from feed batches to bars and the store, with named taps.
+
+::
+
+    trades ─▶ validate ─▶ bars ─▶ (in-memory rolling window) ─▶ flusher thread ─▶ Zarr
+                 │          │
+                 └──────────┴──▶ quarantine tap (records with reasons)
+
+The :class:`Flow` is also what the dashboards read (it implements their ``BarSource``).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from streamz import Stream
+
+from flows.bars import BarConfig, BarEngine, empty_bars_frame
+from flows.schema import REASONS, TIMEFRAMES, Quarantine, SymbolTable, TradeBatch
+from flows.store import BarStore
+from flows.validate import Clock, Counters, ValidateConfig, Validator, wall_clock_ns
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Settings of one flow, validated once at the edge (CLI or YAML).
+
+    Parameters
+    ----------
+    store : Zarr store path, or None to keep bars in memory only.
+    timeframes : bar timeframes to build (1m is always built).
+    window : minutes late trades may still amend (see :class:`flows.bars.BarConfig`).
+    history : bars per timeframe kept in memory.
+    flush_interval_s : how often the writer thread persists changes.
+    max_future_s : trades stamped further ahead of the clock are quarantined.
+    """
+
+    store: str | None = "data/market.zarr"
+    timeframes: tuple[str, ...] = tuple(TIMEFRAMES)
+    window: int = 120
+    history: int = 500
+    flush_interval_s: float = 1.0
+    max_future_s: float = 60.0
+    feed: str = "simulated"
+    checkpoint_keys: int = 200_000
+
+    def bar_config(self) -> BarConfig:
+        return BarConfig(timeframes=self.timeframes, window=self.window, history=self.history)
+
+
+@dataclass
+class StageStats:
+    """Throughput and latency figures of the flow (for progress lines and the monitor)."""
+
+    batches: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    bar_seconds: float = 0.0
+    flush_ms: deque = field(default_factory=lambda: deque(maxlen=1000))
+    last_flush_wall: float = 0.0
+
+
+class Flow:
+    """A running dataflow: push :class:`TradeBatch` objects in, read bars out.
+
+    Parameters
+    ----------
+    config : flow settings.
+    clock : "now" for validation (injected in tests).
+
+    Examples
+    --------
+    >>> from flows.schema import NS
+    >>> flow = Flow(FlowConfig(store=None, timeframes=("1m",)))
+    >>> flow.push(TradeBatch.from_columns(flow.table, time=[NS * 60], symbol=["X"],
+    ...                                    price=[2.0], size=[1.0]))
+    >>> flow.bars("1m", "X")["close"].tolist(), flow.counters.reconciles()
+    ([2.0], True)
+    """
+
+    def __init__(self, config: FlowConfig | None = None, clock: Clock = wall_clock_ns):
+        self.config = config or FlowConfig()
+        self.lock = threading.RLock()
+        #: the flow's symbol table; feeds register their symbols (and metadata) here.
+        self.table = SymbolTable()
+        self.store: BarStore | None = None
+        checkpoint = None
+        if self.config.store is not None:
+            self.store = BarStore(self.config.store, self.config.bar_config().timeframes, self.table)
+            checkpoint = self.store.load_checkpoint()
+            if checkpoint is not None:  # codes index checkpointed arrays: restore their order
+                self.table.codes(checkpoint[1]["symbols"])
+            self.table.codes(self.store.stored_symbols())
+            self.table.meta.update(self.store.root.attrs.get("symbols", {}))
+        self.validator = Validator(ValidateConfig(max_future_s=self.config.max_future_s), clock)
+        self.engine = BarEngine(self.table, self.config.bar_config())
+        #: rows consumed per replayable source at the last push (for exact resume).
+        self.positions: dict[str, int] = {}
+        if checkpoint is not None:
+            arrays, meta = checkpoint
+            self.engine.restore({k[len("engine/"):]: v for k, v in arrays.items() if k.startswith("engine/")})
+            self.validator.deduper.restore({"hwm": arrays["dedupe/hwm"], "keys": arrays["dedupe/keys"]})
+            self.validator.counters = Counters.from_dict(meta["counters"])
+            self.positions = {k: int(v) for k, v in meta.get("positions", {}).items()}
+        self.resumed = checkpoint is not None
+        self.recent_quarantine: deque = deque(maxlen=10_000)
+        self._pending_quarantine: list[Quarantine] = []
+        self.stats = StageStats()
+        self.feed_state = "IDLE"
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        # The streamz graph: one event per batch.
+        self.source = Stream(stream_name="trades")
+        accepted = self.source.map(self._validate, stream_name="validate").pluck(0)
+        self.taps = {
+            "accepted": accepted,
+            "quarantine": Stream(stream_name="quarantine"),
+            "bars": accepted.map(self._fold, stream_name="bars"),
+        }
+        self.taps["bars"].sink(lambda _: None)
+
+    # -- the hot path -------------------------------------------------------------------------
+
+    @property
+    def counters(self) -> Counters:
+        return self.validator.counters
+
+    def _validate(self, batch: TradeBatch) -> tuple[TradeBatch, Quarantine]:
+        accepted, quarantine = self.validator.process(batch)
+        self._quarantine(quarantine)
+        return accepted, quarantine
+
+    def _fold(self, accepted: TradeBatch):
+        t0 = time.perf_counter()
+        update = self.engine.update(accepted)
+        if len(update.too_late):
+            self.validator.quarantine_late(update.too_late)
+            self._quarantine(update.too_late)
+        self.stats.bar_seconds += time.perf_counter() - t0
+        return update
+
+    def _quarantine(self, q: Quarantine) -> None:
+        if len(q):
+            self._pending_quarantine.append(q)
+            self.taps["quarantine"].emit(q)
+            names = self.table.names
+            for i in range(max(0, len(q) - 100), len(q)):  # the dashboards show the latest ones
+                s = int(q.symbol[i])
+                self.recent_quarantine.append((int(q.time[i]), names[s] if 0 <= s < len(names) else "",
+                                               REASONS[q.reason[i]], q.raw[i]))
+
+    def push(self, batch: TradeBatch, unparsed: Quarantine | None = None, source: str | None = None,
+             rows: int = 0) -> None:
+        """Run one batch through the flow (thread-safe).
+
+        ``unparsed`` carries records the feed could not parse; ``source``/``rows`` advance the
+        resume position of a replayable source.
+        """
+        with self.lock:
+            if unparsed is not None and len(unparsed):
+                self.validator.quarantine_unparsed(unparsed)
+                self._quarantine(unparsed)
+            self.source.emit(batch)
+            self.stats.batches += 1
+            if source is not None:
+                self.positions[source] = self.positions.get(source, 0) + rows
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Persist changed bars, new quarantine records and a checkpoint."""
+        if self.store is None:
+            return
+        t0 = time.perf_counter()
+        with self.lock:  # take a consistent snapshot, write outside the lock
+            changes = {tf: self.engine.take_changes(tf) for tf in self.engine.frames}
+            quarantine = Quarantine.concat(self._pending_quarantine)
+            self._pending_quarantine = []
+            arrays, meta = self._checkpoint_state()
+        self.store.write_symbol_meta()
+        for tf, ds in changes.items():
+            self.store.write_bars(tf, ds)
+        self.store.write_quarantine(quarantine)
+        self.store.save_checkpoint(arrays, meta)
+        self.stats.flush_ms.append((time.perf_counter() - t0) * 1000)
+        self.stats.last_flush_wall = time.time()
+
+    def _checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        engine = self.engine.state()
+        amendable = self.engine.amendable_from
+        arrays: dict[str, np.ndarray] = {}
+        for key, value in engine.items():  # only bars late trades can still change
+            tf, _, part = key.partition("/")
+            if part and amendable is not None:
+                times = engine[f"{tf}/times"]
+                first = int(np.searchsorted(times, amendable - amendable % TIMEFRAMES[tf]))
+                value = value[first:] if part == "times" else value[:, first:]
+            arrays[f"engine/{key}"] = value
+        dedupe = self.validator.deduper.state()
+        arrays["dedupe/hwm"] = dedupe["hwm"]
+        arrays["dedupe/keys"] = dedupe["keys"][-self.config.checkpoint_keys:]
+        meta = {"symbols": list(self.table.names), "counters": self.counters.to_dict(),
+                "positions": dict(self.positions), "saved_at": time.time()}
+        return arrays, meta
+
+    def start_flusher(self) -> None:
+        """Persist in a background thread every ``flush_interval_s`` (off the hot path)."""
+        if self.store is None or self._flusher is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(self.config.flush_interval_s):
+                self.flush()
+
+        self._flusher = threading.Thread(target=loop, name="tapeflow-flusher", daemon=True)
+        self._flusher.start()
+
+    def close(self) -> None:
+        """Stop the flusher, flush what is left and release the store."""
+        self._stop.set()
+        if self._flusher is not None:
+            self._flusher.join()
+            self._flusher = None
+        if self.store is not None:
+            self.flush()
+            self.store.close()
+
+    # -- the dashboards' BarSource protocol ---------------------------------------------------
+
+    def symbols(self) -> list[str]:
+        return list(self.table.names)
+
+    def meta(self, symbol: str) -> dict:
+        return dict(self.table.meta.get(symbol, {}))
+
+    def timeframes(self) -> tuple[str, ...]:
+        return tuple(self.engine.frames)
+
+    def bars(self, tf: str, symbol: str, n: int | None = None) -> pd.DataFrame:
+        """The last ``n`` bars of ``symbol`` where it traded (the last may still be forming)."""
+        code = self.table.lookup(symbol)
+        if code is None:
+            return empty_bars_frame()
+        with self.lock:
+            return self.engine.symbol_frame(tf, code, n)
+
+    def version(self) -> int:
+        return self.engine.version
+
+    def status(self) -> dict:
+        c = self.counters
+        return {"feed": self.config.feed, "state": self.feed_state, "received": c.received,
+                "accepted": c.accepted, "quarantined": c.quarantined_total, "duplicates": c.duplicates,
+                "quarantined_by_reason": dict(c.quarantined), "symbols": len(self.table),
+                "store": self.config.store, "last_flush": self.stats.last_flush_wall}
+
+
+_DEFAULT: dict[str, object] = {}
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_flow(store: str | None = "data/market.zarr", n_symbols: int = 100, rate: float = 2000.0):
+    """Return the process-wide simulated flow, starting it on first use (for ``panel serve``).
+
+    Long-lived state lives here, in an imported module, because Bokeh clears a session
+    script's globals when the session closes.
+    """
+    with _DEFAULT_LOCK:
+        if "flow" not in _DEFAULT:
+            from flows.runner import start_simulated
+
+            flow = Flow(FlowConfig(store=store))
+            _DEFAULT["flow"] = flow
+            _DEFAULT["thread"] = start_simulated(flow, n_symbols=n_symbols, rate=rate)
+        return _DEFAULT["flow"]

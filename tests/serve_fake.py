@@ -1,0 +1,31 @@
+"""Serve the dashboard over a simulated in-memory FrameSource (browser tests' stand-in for the CLI).
+
+Usage: ``python tests/serve_fake.py --port PORT``; prints ``serving on http://127.0.0.1:PORT``
+once the server listens. A thread upserts bars every 300 ms (a new bar every 4th tick).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dashboards.app import serve
+from dashboards.source import FrameSource
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=5006)
+    parser.add_argument("--symbols", type=int, default=20)
+    args = parser.parse_args()
+    source = FrameSource.synthetic(args.symbols, n_bars=120, empty=["EMPTY"])
+    source.simulate(period=0.3, bar_every=4)
+    server = serve(source, port=args.port, threaded=True)
+    print(f"serving on http://127.0.0.1:{args.port}", flush=True)
+    server.join()
+
+
+if __name__ == "__main__":
+    main()

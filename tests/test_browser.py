@@ -1,0 +1,222 @@
+"""The served candles page in real Chromium: it loads offline, draws, updates live, switches
+symbol from the search picker, and keeps the user's zoom across updates."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from conftest import free_port
+
+from dashboards.candles import DOWN_COLOR, UP_COLOR
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+# Everything below reads the Bokeh document model in the page, not the DOM, so it does not
+# depend on Panel's markup: the view names its source "candles" and its figure "price".
+_SNAPSHOT_JS = """() => {
+  const doc = Bokeh.documents[0], s = doc.get_model_by_name('candles');
+  const f = doc.get_model_by_name('price'), n = s.data.close.length;
+  return {n, close: n ? s.data.close[n - 1] : null, first: n ? s.data.close[0] : null,
+          time: n ? s.data.time[n - 1] : null, title: f.title.text,
+          x0: f.x_range.start, x1: f.x_range.end, y0: f.y_range.start, y1: f.y_range.end,
+          times: Array.from(s.data.time)};
+}"""
+_READY_JS = """() => window.Bokeh && Bokeh.documents.length > 0
+  && Bokeh.documents[0].get_model_by_name('candles') != null
+  && Bokeh.documents[0].get_model_by_name('candles').data.close.length > 0"""
+_CHANGED_JS = """(before) => {
+  const s = Bokeh.documents[0].get_model_by_name('candles'), n = s.data.close.length;
+  return n !== before.n || s.data.close[n - 1] !== before.close
+    || s.data.time[n - 1] !== before.time;
+}"""
+_COMPLETIONS_JS = """() => Bokeh.documents[0].all_models && [...Bokeh.documents[0].all_models]
+  .filter(m => m.completions !== undefined).map(m => Array.from(m.completions))[0]"""
+
+
+class Server:
+    """A server subprocess in its own process group, ready once it prints its URL."""
+
+    def __init__(self, cmd: list[str], port: int, timeout: float = 45.0):
+        self.url = f"http://127.0.0.1:{port}/"
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        ready = threading.Event()
+        banner = f"serving on http://127.0.0.1:{port}"
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip())
+                if banner in line:
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"server did not print {banner!r}:\n" + "\n".join(self.lines[-40:]))
+        while True:  # the banner may precede the first answered request by a little
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    assert response.status == 200
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        """End the whole process group: SIGTERM, then SIGKILL after 5 s."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def start_server(request: pytest.FixtureRequest):
+    """Start a server command (``{port}`` in it is replaced); stopped at teardown."""
+    servers: list[Server] = []
+
+    def start(cmd: list[str], port: int) -> Server:
+        server = Server(cmd, port)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def count_candle_pixels(png: bytes) -> int:
+    """Return how many pixels of a screenshot have the up or down candle colour."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    total = 0
+    for color in (UP_COLOR, DOWN_COLOR):
+        target = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
+        total += int((np.abs(rgb - target).max(axis=-1) <= 8).sum())
+    return total
+
+
+def check_candles_page(browser, url: str, name: str) -> None:
+    """Run every page check against a served app; screenshots go to ``test-artifacts/``."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    requests: list[str] = []
+    failed: list[str] = []
+    errors: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("websocket", lambda ws: requests.append(ws.url))
+    page.on("requestfailed", lambda r: failed.append(f"{r.url}: {r.failure}"))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        # Arrange: the page loads and draws candles.
+        page.goto(url, wait_until="load", timeout=20_000)
+        page.wait_for_function(_READY_JS, timeout=20_000)
+        page.wait_for_timeout(500)  # let the canvas paint
+        shot = page.screenshot(path=str(ARTIFACTS / f"{name}-loaded.png"))
+        before = page.evaluate(_SNAPSHOT_JS)
+        assert before["n"] > 0 and before["x0"] < before["time"] < before["x1"]
+        assert count_candle_pixels(shot) > 300, "no candle colours painted"
+
+        # Live: the forming bar changes or a new bar appears within a few seconds.
+        page.wait_for_function(_CHANGED_JS, arg=before, timeout=10_000)
+
+        # Picker: type part of another symbol, take the completion, see its data drawn.
+        symbols = page.evaluate(_COMPLETIONS_JS)
+        current = before["title"].split(" · ")[0]
+        target, typed = pick_symbol(symbols, current)
+        box = page.locator("input[placeholder='Search symbol']")
+        box.click()
+        box.fill("")
+        box.press_sequentially(typed, delay=30)
+        page.wait_for_timeout(300)
+        box.press("Enter")
+        page.wait_for_function("(t) => Bokeh.documents[0].get_model_by_name('price')"
+                               ".title.text.startsWith(t + ' ·')", arg=target, timeout=10_000)
+        page.wait_for_function(_READY_JS, timeout=10_000)
+        switched = page.evaluate(_SNAPSHOT_JS)
+        assert switched["first"] != before["first"] or switched["close"] != before["close"]
+        page.screenshot(path=str(ARTIFACTS / f"{name}-switched.png"))
+
+        # Zoom: a range the user set survives two updates (both x and the fitted y are kept
+        # out of the server's hands; y follows the visible bars in the browser).
+        times = switched["times"]
+        start, end = times[max(0, len(times) // 4)], times[-1] - (times[-1] - times[0]) / 4
+        if end <= start:
+            end = start + 600_000
+        page.evaluate("([a, b]) => Bokeh.documents[0].get_model_by_name('price')"
+                      ".x_range.setv({start: a, end: b})", [start, end])
+        state = page.evaluate(_SNAPSHOT_JS)
+        for _ in range(2):
+            page.wait_for_function(_CHANGED_JS, arg=state, timeout=10_000)
+            state = page.evaluate(_SNAPSHOT_JS)
+        page.wait_for_timeout(1_200)  # one more server tick that could have moved it
+        zoomed = page.evaluate(_SNAPSHOT_JS)
+        assert (zoomed["x0"], zoomed["x1"]) == (start, end)
+        page.screenshot(path=str(ARTIFACTS / f"{name}-zoomed.png"))
+    finally:
+        page.close()
+
+    assert not errors, f"console errors: {errors}"
+    assert not failed, f"failed requests: {failed}"
+    outside = [u for u in requests if urlparse(u).scheme in ("http", "https", "ws", "wss")
+               and urlparse(u).hostname not in LOOPBACK]
+    assert not outside, f"requests left the machine: {outside}"
+    assert requests, "no request recorded"
+
+
+def pick_symbol(symbols: list[str], current: str) -> tuple[str, str]:
+    """Return another symbol and a part of it (not its start) that matches only it."""
+    assert symbols and len(symbols) > 1, f"picker has no choices: {symbols}"
+    for symbol in symbols:
+        if symbol == current or len(symbol) < 2:
+            continue
+        for cut in range(1, len(symbol)):
+            part = symbol[cut:].lower()
+            if sum(part in s.lower() for s in symbols) == 1:
+                return symbol, part
+        if sum(symbol.lower() in s.lower() for s in symbols) == 1:
+            return symbol, symbol.lower()
+    pytest.fail(f"no symbol other than {current} can be singled out in {symbols}")
+
+
+def test_page_over_frame_source(chromium, start_server) -> None:
+    port = free_port()
+    server = start_server([sys.executable, "tests/serve_fake.py", "--port", str(port)], port)
+
+    check_candles_page(chromium, server.url, "fake")
+
+
+def test_page_served_by_cli(chromium, start_server, tmp_path: Path) -> None:
+    port = free_port()
+    server = start_server(
+        [sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
+         "--store", str(tmp_path / "market.zarr"), "--symbols", "20", "--rate", "500"], port)
+
+    check_candles_page(chromium, server.url, "cli")
