@@ -6,31 +6,96 @@ Layout (Zarr v3, see README "Store layout")::
       bars/{tf}        dims (time, symbol): open high low close volume trades vwap
       quarantine       dim (record,): time symbol price size trade_id reason raw
       _checkpoint/     engine state to resume exactly after a stop (not a Zarr group)
+      _versions/       the data of each group above (not a Zarr group; see below)
       .lock            held by the one writer process
 
-Writes go straight to the Zarr arrays: the changed tail of each timeframe (from the earliest
-amended bar to the newest) is written over the stored rows, the rest appended. ``time`` is
-stored as int64 nanoseconds with CF units, so xarray decodes it to ``datetime64[ns]``.
+Each flush writes the changed tail of each timeframe (from the earliest amended bar to the
+newest) over the stored rows and appends the rest. ``time`` is stored as int64 nanoseconds with
+CF units, so xarray decodes it to ``datetime64[ns]``.
+
+Readers never see a half-written flush. A flush resizes several arrays, and a reader opening
+the group between two resizes would find ``time`` and ``close`` of different lengths (xarray
+refuses that). So each group path (``bars/1m``) is a symbolic link to a version directory under
+``_versions/``: a flush hard-links the current version's files into a new directory, writes
+there (Zarr replaces files by rename, so the shared inodes of the old version are never
+modified), and swaps the link with one atomic rename. Old versions are removed after a grace
+period, so a reader that opened one can finish reading it.
 """
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
+import shutil
 import threading
+import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 import zarr
+import zarr.api.asynchronous as zarr_async
+from numcodecs import Blosc
+from zarr.codecs import BloscCodec
+from zarr.core.sync import sync as zsync
 
 from flows.schema import BAR_FIELDS, REASONS, TIMEFRAMES, Quarantine, SymbolTable
 
 TIME_UNITS = "nanoseconds since 1970-01-01"
-CHUNK_TIME = 256
+CHUNK_TIME = 64
 CHUNK_SYMBOLS = 512
 _FILL = {"volume": 0.0, "trades": 0}
 QUARANTINE_FIELDS = ("time", "symbol", "price", "size", "trade_id", "reason", "raw")
+VERSIONS = "_versions"
+GRACE_S = 30.0  # how long a replaced version stays readable
+
+
+async def _write_arrays(path: str, writes: list[tuple[str, tuple, tuple, np.ndarray]]) -> None:
+    """Resize and write several arrays of one group concurrently (one round trip to Zarr)."""
+    group = await zarr_async.open_group(store=path, mode="r+")
+    by_name: dict[str, list] = {}
+    for name, shape, selection, block in writes:
+        by_name.setdefault(name, []).append((shape, selection, block))
+
+    async def write(name: str, items: list) -> None:
+        arr = await group.getitem(name)
+        shape = items[0][0]
+        if arr.shape != shape:
+            await arr.resize(shape)
+        for _, selection, block in items:
+            await arr.setitem(selection, block)
+
+    await asyncio.gather(*(write(name, items) for name, items in by_name.items()))
+
+
+_BLOSC = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE)
+
+
+def _patch_chunks(array_dir: Path, block: np.ndarray, row0: int, dtype: str) -> None:
+    """Overwrite rows ``row0:row0+len(block)`` of a 2-D bars array by rewriting its chunk files.
+
+    Only for arrays made by :func:`bars_encoding` ("."-separated keys, bytes + blosc codecs),
+    and only within the array's current shape.
+    """
+    ct, cs = CHUNK_TIME, CHUNK_SYMBOLS
+    fill = _FILL.get(array_dir.name, np.nan)
+    rows = np.arange(row0, row0 + len(block))
+    for ci in range(row0 // ct, (rows[-1] // ct) + 1):
+        r0, r1 = max(row0, ci * ct), min(row0 + len(block), (ci + 1) * ct)
+        for cj in range((block.shape[1] - 1) // cs + 1):
+            path = array_dir / f"c.{ci}.{cj}"
+            try:
+                chunk = np.frombuffer(_BLOSC.decode(path.read_bytes()), dtype="<" + np.dtype(dtype).str[1:])
+                chunk = chunk.reshape(ct, cs).copy()
+            except FileNotFoundError:
+                chunk = np.full((ct, cs), fill, dtype=dtype)
+            part = block[r0 - row0 : r1 - row0, cj * cs : (cj + 1) * cs]
+            chunk[r0 - ci * ct : r1 - ci * ct, : part.shape[1]] = part
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(_BLOSC.encode(np.ascontiguousarray(chunk, dtype="<" + np.dtype(dtype).str[1:])))
+            os.replace(tmp, path)
 
 
 class StoreError(Exception):
@@ -42,12 +107,19 @@ class StoreLockedError(StoreError):
 
 
 def bars_encoding(ds: xr.Dataset) -> dict:
-    """Return the Zarr encoding for a bars dataset: integer time, chunking, fill values."""
+    """Return the Zarr encoding for a bars dataset: integer time, chunking, fill values.
+
+    Chunk keys use "." (``c.0.0``), so a version copy creates no nested directories; blosc/lz4
+    with byte shuffle keeps a flush's re-encoding of its tail chunks cheap.
+    """
+    flat = {"name": "default", "separator": "."}
     enc = {"time": {"dtype": "int64", "units": TIME_UNITS, "calendar": "proleptic_gregorian",
-                    "chunks": (CHUNK_TIME,)}}
+                    "chunks": (CHUNK_TIME,), "chunk_key_encoding": flat}}
     for name in ds.data_vars:
-        enc[name] = {"chunks": (CHUNK_TIME, CHUNK_SYMBOLS)}
-        if name in _FILL:
+        enc[name] = {"chunks": (CHUNK_TIME, CHUNK_SYMBOLS), "chunk_key_encoding": flat,
+                     "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]}
+        if name in _FILL:  # a bar with no trades has volume 0 and trades 0, not NaN
+            enc[name]["fill_value"] = _FILL[name]
             enc[name]["_FillValue"] = None
     return enc
 
@@ -93,6 +165,12 @@ class BarStore:
         except Exception as exc:  # a directory that is not a Zarr v3 store
             self.close()
             raise StoreError(f"{self.path} is not a tapeflow Zarr store ({exc})") from None
+        self.root.require_group("bars")
+        (self.path / VERSIONS).mkdir(exist_ok=True)
+        self._retired: deque[tuple[float, Path]] = deque()
+        self._version = 1 + max((int(p.name.rsplit("-", 1)[1]) for p in (self.path / VERSIONS).iterdir()
+                                 if p.name.rsplit("-", 1)[-1].isdigit()), default=0)
+        self._remove_orphans()
         self._times: dict[str, np.ndarray] = {}
         self._symbols: dict[str, list[str]] = {}
         for tf in timeframes:
@@ -103,6 +181,46 @@ class BarStore:
                 self._symbols[tf] = [str(s) for s in g["symbol"][:]]
         self.flushes = 0
         self.last_flush_ns = 0
+
+    # -- versioned groups ---------------------------------------------------------------------
+
+    def _link(self, key: str) -> Path:
+        return self.path / key
+
+    def _begin(self, key: str) -> Path:
+        """Return a new version directory holding hard links to the current version's files."""
+        new = self.path / VERSIONS / f"{key.replace('/', '-')}-{self._version}"
+        self._version += 1
+        current = self._link(key)
+        if current.exists():
+            src = current.resolve()
+            for dirpath, _, files in os.walk(src):
+                rel = Path(dirpath).relative_to(src)
+                (new / rel).mkdir(parents=True, exist_ok=True)
+                for f in files:
+                    os.link(Path(dirpath) / f, new / rel / f)
+        return new
+
+    def _commit(self, key: str, new: Path) -> None:
+        """Point ``key`` at ``new`` with one atomic rename; retire the old version."""
+        link = self._link(key)
+        old = link.resolve() if link.is_symlink() else None
+        tmp = link.with_name(f".{link.name}.tmp-link")
+        tmp.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(new, link.parent), tmp)
+        os.replace(tmp, link)
+        if old is not None:
+            self._retired.append((time.monotonic(), old))
+        while self._retired and time.monotonic() - self._retired[0][0] > GRACE_S:
+            shutil.rmtree(self._retired.popleft()[1], ignore_errors=True)
+
+    def _remove_orphans(self) -> None:
+        """Delete version directories no link points to (left by a writer that was killed)."""
+        links = [self.path / "quarantine", *(self.path / "bars").iterdir()]
+        live = {p.resolve() for p in links if p.is_symlink()}
+        for p in (self.path / VERSIONS).iterdir():
+            if p.resolve() not in live:
+                shutil.rmtree(p, ignore_errors=True)
 
     # -- bars -------------------------------------------------------------------------------
 
@@ -127,43 +245,58 @@ class BarStore:
             names = [str(s) for s in changes["symbol"].values]
             key = f"bars/{tf}"
             if tf not in self._times:
-                changes.to_zarr(str(self.path), group=key, mode="w", zarr_format=3,
+                new = self._begin(key)
+                changes.to_zarr(str(new), mode="w", zarr_format=3,
                                 consolidated=False, encoding=bars_encoding(changes))
+                self._commit(key, new)
                 self._times[tf] = times.copy()
                 self._symbols[tf] = names
                 return
-            g = self.root[key]
             stored_names = self._symbols[tf]
-            new_names = [n for n in names if n not in set(stored_names)]
+            if names[: len(stored_names)] == stored_names:  # the usual case: same order, maybe more
+                new_names = names[len(stored_names):]
+                order = np.arange(len(names))
+            else:
+                known = set(stored_names)
+                new_names = [n for n in names if n not in known]
+                col = {n: i for i, n in enumerate(stored_names + new_names)}
+                order = np.array([col[n] for n in names], dtype=np.int64)
             all_names = stored_names + new_names
-            col = {n: i for i, n in enumerate(all_names)}
-            order = np.array([col[n] for n in names], dtype=np.int64)
             stored = self._times[tf]
             start = int(np.searchsorted(stored, times[0]))
             length = start + len(times)
             n_sym = len(all_names)
-            for name in BAR_FIELDS:
-                arr = g[name]
+            writes: list[tuple[str, tuple, tuple, np.ndarray]] = []
+            missing = np.setdiff1d(np.arange(len(stored_names)), order)
+            old_rows = min(len(stored), length) - start
+            for name, dtype in BAR_FIELDS.items():
                 values = changes[name].values
-                if arr.shape != (length, n_sym):
-                    arr.resize((length, n_sym))
-                block = np.full((len(times), n_sym), _FILL.get(name, np.nan), dtype=arr.dtype)
-                block[:, order] = values
-                if len(names) < len(stored_names):  # columns not in changes keep stored values
-                    missing = np.setdiff1d(np.arange(len(stored_names)), order)
-                    old_rows = min(len(stored), length) - start
-                    if old_rows > 0:
-                        block[:old_rows, missing] = arr[start : start + old_rows, :][:, missing]
-                arr[start:length, :] = block
+                if len(order) == n_sym and (order == np.arange(n_sym)).all():
+                    block = values
+                else:
+                    block = np.full((len(times), n_sym), _FILL.get(name, np.nan), dtype=dtype)
+                    block[:, order] = values
+                    if len(missing) and old_rows > 0:  # columns not in changes keep stored values
+                        old = zarr.open_array(str(self._link(key) / name), mode="r")[start : start + old_rows]
+                        block[:old_rows, missing] = old[:, missing]
+                writes.append((name, (length, n_sym), (slice(start, length), slice(None)), block))
             if new_names:
-                sym = g["symbol"]
-                sym.resize((n_sym,))
-                sym[len(stored_names):] = np.array(new_names, dtype=object)
-                self._symbols[tf] = all_names
-            tarr = g["time"]
-            if tarr.shape != (length,):
-                tarr.resize((length,))
-            tarr[start:length] = times
+                writes.append(("symbol", (n_sym,), (slice(len(stored_names), None),),
+                               np.array(new_names, dtype=object)))
+            writes.append(("time", (length,), (slice(start, length),), times))
+            if length == len(stored) and not new_names and (times == stored[start:]).all():
+                # Same shapes, same times: only bar values change (the forming bars). Patch the
+                # chunk files directly (zarr's per-call overhead is ~2 ms an array); each file is
+                # replaced atomically, so readers need no new version.
+                live = self._link(key).resolve()
+                for name, _, selection, block in writes:
+                    if name != "time":
+                        _patch_chunks(live / name, block, selection[0].start, BAR_FIELDS[name])
+            else:
+                new = self._begin(key)
+                zsync(_write_arrays(str(new), writes))
+                self._commit(key, new)
+            self._symbols[tf] = all_names
             self._times[tf] = np.concatenate([stored[:start], times])
 
     def write_symbol_meta(self) -> None:
@@ -187,19 +320,21 @@ class BarStore:
             "raw": np.asarray(q.raw, dtype=object),
         }
         with self._mutex:
-            if "quarantine" not in self.root:
+            new = self._begin("quarantine")
+            if not (new / "zarr.json").exists():
                 ds = xr.Dataset({k: ("record", v) for k, v in columns.items() if k != "time"},
                                 coords={"time": ("record", q.time.view("datetime64[ns]"))})
-                ds.to_zarr(str(self.path), group="quarantine", mode="w", zarr_format=3, consolidated=False,
+                ds.to_zarr(str(new), mode="w", zarr_format=3, consolidated=False,
                            encoding={"time": {"dtype": "int64", "units": TIME_UNITS,
                                               "calendar": "proleptic_gregorian", "chunks": (65536,)}})
-                return
-            g = self.root["quarantine"]
-            n0 = g["reason"].shape[0]
-            for k, v in columns.items():
-                arr = g[k]
-                arr.resize((n0 + len(q),))
-                arr[n0:] = v
+            else:
+                g = zarr.open_group(str(new), mode="r+")
+                n0 = g["reason"].shape[0]
+                for k, v in columns.items():
+                    arr = g[k]
+                    arr.resize((n0 + len(q),))
+                    arr[n0:] = v
+            self._commit("quarantine", new)
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -234,8 +369,10 @@ class BarStore:
         return arrays, meta
 
     def close(self) -> None:
-        """Release the writer lock."""
+        """Remove replaced versions and release the writer lock."""
         if not self._lock_file.closed:
+            while getattr(self, "_retired", None):
+                shutil.rmtree(self._retired.popleft()[1], ignore_errors=True)
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
 

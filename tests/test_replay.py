@@ -14,15 +14,13 @@ import pytest
 
 from flows.feeds import FeedError
 from flows.feeds.replay import Replayer, infer_time_unit, read_binance_capture, read_trades
-from flows.schema import BUY, NO_ID, NS, SELL, UNKNOWN_SIDE, SymbolTable, TradeBatch
+from flows.schema import BUY, NS, SELL, UNKNOWN_SIDE, Quarantine, SymbolTable, TradeBatch
 
 DATA = Path(__file__).parent / "data"
 CAPTURES = sorted(DATA.glob("binance*_ws_combined_*.jsonl"))
 
 
-def read_all(path, **kw) -> tuple[TradeBatch, "Quarantine", int]:
-    from flows.schema import Quarantine
-
+def read_all(path, **kw) -> tuple[TradeBatch, Quarantine, int]:
     kw.setdefault("symbols", SymbolTable())
     parts = list(read_trades(path, **kw))
     return (TradeBatch.concat([b for b, _ in parts]), Quarantine.concat([q for _, q in parts]),

@@ -189,6 +189,8 @@ class _TimeParser:
     def __init__(self, unit: str | None):
         self.unit = unit
         self.numeric: bool | None = None
+        # A failed cast costs far more than a good one: try the form that worked last first.
+        self.iso_forms = [pa.timestamp("ns"), pa.timestamp("ns", tz="UTC")]
 
     def __call__(self, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(ns, unparsable mask)``."""
@@ -228,13 +230,14 @@ class _TimeParser:
         bad = bad | (np.abs(vals) > _MAX_NS // mult)
         return np.where(bad, 0, vals) * mult, bad
 
-    @staticmethod
-    def _iso(text: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        for target in (pa.timestamp("ns"), pa.timestamp("ns", tz="UTC")):
+    def _iso(self, text: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        for target in list(self.iso_forms):
             try:
                 ts = pc.cast(text, target)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 continue
+            self.iso_forms.remove(target)
+            self.iso_forms.insert(0, target)
             return pc.fill_null(ts.cast(pa.int64()), 0).to_numpy(zero_copy_only=False), \
                 np.zeros(len(text), dtype=bool)
         # Mixed or unusual ISO forms (offsets and naive text together, garbage rows).

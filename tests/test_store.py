@@ -1,0 +1,143 @@
+"""Store: stored bars equal the oracle, restart resumes exactly, readers never fail, one writer."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from flows.pipeline import Flow, FlowConfig
+from flows.schema import TIMEFRAMES, TradeBatch
+from flows.store import BarStore, StoreLockedError, open_bars
+from tests.oracle import (accepted_trades, adversarial_trades, assert_bars_equal, dataset_to_frame,
+                          pandas_bars)
+
+WINDOW = 30
+
+
+def push_frame(flow: Flow, df: pd.DataFrame, cuts, flush_every: int | None = None) -> None:
+    bounds = [0, *sorted(set(cuts)), len(df)]
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if a >= b:
+            continue
+        part = df.iloc[a:b]
+        flow.push(TradeBatch.from_columns(flow.table, time=part.time.to_numpy(), symbol=part.symbol.to_numpy(),
+                                          price=part.price.to_numpy(), size=part["size"].to_numpy(),
+                                          trade_id=part.trade_id.to_numpy()))
+        if flush_every and i % flush_every == 0:
+            flow.flush()
+
+
+def make_flow(path, history=100) -> Flow:
+    return Flow(FlowConfig(store=str(path), window=WINDOW, history=history), clock=lambda: 2**62)
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "market.zarr"
+    df = adversarial_trades(seed=11)
+    flow = make_flow(path)
+    push_frame(flow, df, list(np.random.default_rng(2).integers(0, len(df), 60)), flush_every=3)
+    flow.close()
+    return path, df, flow
+
+
+@pytest.mark.parametrize("tf", list(TIMEFRAMES))
+def test_stored_bars_equal_pandas_oracle(stored, tf):
+    # The in-memory window (history=100 rows) is far shorter than the tape: the store must hold
+    # every bar, amended in place by late trades across many flushes.
+    path, df, _ = stored
+    want, _ = accepted_trades(df, WINDOW)
+    got = dataset_to_frame(xr.open_zarr(path, group=f"bars/{tf}", consolidated=False).load())
+    assert_bars_equal(got, pandas_bars(want, tf))
+
+
+def test_stored_layout_and_dtypes(stored):
+    path, _, _ = stored
+    ds = open_bars(path, "1m")
+    assert ds["time"].dtype == np.dtype("datetime64[ns]")
+    assert list(ds.dims) == ["time", "symbol"] or set(ds.dims) == {"time", "symbol"}
+    assert {n: str(ds[n].dtype) for n in ds.data_vars} == {
+        "open": "float64", "high": "float64", "low": "float64", "close": "float64",
+        "volume": "float64", "trades": "int64", "vwap": "float64"}
+    assert ds.indexes["time"].is_monotonic_increasing and ds.indexes["time"].is_unique
+    empty = ds["trades"].values == 0
+    assert np.isnan(ds["open"].values[empty]).all() and (ds["volume"].values[empty] == 0).all()
+    import zarr
+    assert zarr.open_array(str(path / "bars/1m/time"), mode="r").dtype == np.dtype("int64")
+
+
+def test_quarantine_is_persisted_with_reasons(stored):
+    path, _, flow = stored
+    q = xr.open_zarr(path, group="quarantine", consolidated=False).load()
+    counts = pd.Series(q.reason.values.tolist()).value_counts().to_dict()
+    assert counts == flow.counters.quarantined
+    assert "too_late" in counts and "non_positive_price" in counts
+
+
+def test_restart_mid_replay_ends_identical_to_uninterrupted(tmp_path):
+    df = adversarial_trades(seed=5, n=4000)
+    cuts = list(range(0, len(df), 150))
+    whole = make_flow(tmp_path / "whole.zarr")
+    push_frame(whole, df, cuts, flush_every=2)
+    whole.close()
+    # Stop part-way (after a flush, as a killed process leaves it), reopen, push the rest.
+    first = make_flow(tmp_path / "resumed.zarr")
+    push_frame(first, df.iloc[:2100], [c for c in cuts if c < 2100], flush_every=2)
+    first.flush()
+    first.store.close()  # no final close(): like a process that died after its last flush
+    second = make_flow(tmp_path / "resumed.zarr")
+    assert second.resumed
+    push_frame(second, df.iloc[2100:], [c - 2100 for c in cuts if c > 2100], flush_every=2)
+    second.close()
+    for tf in TIMEFRAMES:
+        a = dataset_to_frame(open_bars(tmp_path / "whole.zarr", tf).load())
+        b = dataset_to_frame(open_bars(tmp_path / "resumed.zarr", tf).load())
+        assert_bars_equal(b, a)
+    assert second.counters.to_dict() == whole.counters.to_dict()
+
+
+def test_second_writer_is_refused(tmp_path):
+    flow = make_flow(tmp_path / "m.zarr")
+    with pytest.raises(StoreLockedError, match="being written by tapeflow pid"):
+        BarStore(tmp_path / "m.zarr", ("1m",), flow.table)
+    flow.close()
+    BarStore(tmp_path / "m.zarr", ("1m",), flow.table).close()  # free again after close
+
+
+READER = textwrap.dedent("""
+    import sys, time, xarray as xr
+    path, deadline = sys.argv[1], time.time() + float(sys.argv[2])
+    opened = 0
+    while time.time() < deadline:
+        for tf in ("1m", "1h"):
+            try:
+                ds = xr.open_zarr(path, group=f"bars/{tf}", consolidated=False)
+            except FileNotFoundError:
+                continue  # not created yet
+            ds["close"].isel(time=slice(-3, None)).load()
+            opened += 1
+    print(opened)
+""")
+
+
+@pytest.mark.slow
+def test_reader_process_never_fails_during_writes(tmp_path):
+    path = tmp_path / "live.zarr"
+    flow = Flow(FlowConfig(store=str(path), flush_interval_s=0.05))
+    from flows.runner import start_simulated
+
+    thread = start_simulated(flow, n_symbols=50, rate=20000, realtime=False, duration_s=4 * 3600)
+    reader = subprocess.run([sys.executable, "-c", READER, str(path), "6"], capture_output=True,
+                            text=True, timeout=120)
+    thread.stop.set()
+    thread.join()
+    flow.close()
+    assert reader.returncode == 0, reader.stderr[-2000:]
+    assert int(reader.stdout) > 20
+    assert flow.store.flushes > 20
