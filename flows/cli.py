@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _make_flow(args: argparse.Namespace, feed: str):
     from flows.pipeline import Flow, FlowConfig
+    from flows.store import writer_dir
 
     if args.history <= args.window:
         raise UserError(f"--history ({args.history}) must be larger than --window ({args.window})")
@@ -131,6 +132,7 @@ def _make_flow(args: argparse.Namespace, feed: str):
         if not (store / "zarr.json").exists():
             raise UserError(f"--fresh: {store} does not look like a tapeflow store; not deleting it")
         shutil.rmtree(store)
+        shutil.rmtree(writer_dir(store), ignore_errors=True)
     return Flow(FlowConfig(store=str(store), timeframes=args.timeframes, window=args.window,
                            history=args.history, feed=feed))
 

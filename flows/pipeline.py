@@ -185,6 +185,7 @@ class Flow:
         for tf, ds in changes.items():
             self.store.write_bars(tf, ds)
         self.store.write_quarantine(quarantine)
+        self.store.publish()
         self.store.save_checkpoint(arrays, meta)
         self.stats.flush_ms.append((time.perf_counter() - t0) * 1000)
         self.stats.last_flush_wall = time.time()

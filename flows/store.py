@@ -5,21 +5,22 @@ Layout (Zarr v3, see README "Store layout")::
     market.zarr/
       bars/{tf}        dims (time, symbol): open high low close volume trades vwap
       quarantine       dim (record,): time symbol price size trade_id reason raw
-      _checkpoint/     engine state to resume exactly after a stop (not a Zarr group)
-      _versions/       the data of each group above (not a Zarr group; see below)
-      .lock            held by the one writer process
+    market.zarr.writer/  beside the store, not part of it:
+      lock             held by the one writer process
+      checkpoint/      engine state to resume exactly after a stop
 
 Each flush writes the changed tail of each timeframe (from the earliest amended bar to the
 newest) over the stored rows and appends the rest. ``time`` is stored as int64 nanoseconds with
 CF units, so xarray decodes it to ``datetime64[ns]``.
 
-Readers never see a half-written flush. A flush resizes several arrays, and a reader opening
-the group between two resizes would find ``time`` and ``close`` of different lengths (xarray
-refuses that). So each group path (``bars/1m``) is a symbolic link to a version directory under
-``_versions/``: a flush hard-links the current version's files into a new directory, writes
-there (Zarr replaces files by rename, so the shared inodes of the old version are never
-modified), and swaps the link with one atomic rename. Old versions are removed after a grace
-period, so a reader that opened one can finish reading it.
+Readers never see a half-written append: a flush that changes shapes resizes several arrays,
+and a reader listing the arrays between two resizes would find ``time`` and ``close`` of
+different lengths (xarray refuses that). So every group carries consolidated metadata -- all
+its arrays' shapes in the root's one ``zarr.json`` -- rewritten (one atomic file replace) only
+after all arrays of the flush are written (:meth:`BarStore.publish`). ``xr.open_zarr(path, group="bars/1m")`` reads that
+snapshot; rows beyond it are simply not seen until the next open. (Readers that pass
+``consolidated=False`` list the arrays one by one and can race with an append; use the
+default or :func:`open_bars`.)
 """
 from __future__ import annotations
 
@@ -27,10 +28,8 @@ import asyncio
 import fcntl
 import json
 import os
-import shutil
 import threading
-import time
-from collections import deque
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +47,6 @@ CHUNK_TIME = 64
 CHUNK_SYMBOLS = 512
 _FILL = {"volume": 0.0, "trades": 0}
 QUARANTINE_FIELDS = ("time", "symbol", "price", "size", "trade_id", "reason", "raw")
-VERSIONS = "_versions"
-GRACE_S = 30.0  # how long a replaced version stays readable
 
 
 async def _write_arrays(path: str, writes: list[tuple[str, tuple, tuple, np.ndarray]]) -> None:
@@ -98,6 +95,12 @@ def _patch_chunks(array_dir: Path, block: np.ndarray, row0: int, dtype: str) -> 
             os.replace(tmp, path)
 
 
+def writer_dir(path: str | os.PathLike) -> Path:
+    """The folder beside a store that holds its writer's lock and checkpoint."""
+    path = Path(path)
+    return path.with_name(path.name + ".writer")
+
+
 class StoreError(Exception):
     """A store problem a user can act on (one line)."""
 
@@ -140,13 +143,16 @@ class BarStore:
         self.path = Path(path)
         self.timeframes = timeframes
         self.symbols = symbols
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path} is a file, not a store directory")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create store {self.path}: {exc.strerror}") from None
-        if self.path.exists() and not self.path.is_dir():
-            raise StoreError(f"{self.path} is a file, not a store directory")
-        self._lock_file = open(self.path / ".lock", "a+")
+        #: the writer's own files (lock, checkpoint), kept out of the Zarr hierarchy
+        self.writer_dir = writer_dir(self.path)
+        self.writer_dir.mkdir(exist_ok=True)
+        self._lock_file = open(self.writer_dir / "lock", "a+")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -166,11 +172,6 @@ class BarStore:
             self.close()
             raise StoreError(f"{self.path} is not a tapeflow Zarr store ({exc})") from None
         self.root.require_group("bars")
-        (self.path / VERSIONS).mkdir(exist_ok=True)
-        self._retired: deque[tuple[float, Path]] = deque()
-        self._version = 1 + max((int(p.name.rsplit("-", 1)[1]) for p in (self.path / VERSIONS).iterdir()
-                                 if p.name.rsplit("-", 1)[-1].isdigit()), default=0)
-        self._remove_orphans()
         self._times: dict[str, np.ndarray] = {}
         self._symbols: dict[str, list[str]] = {}
         for tf in timeframes:
@@ -180,47 +181,20 @@ class BarStore:
                 self._times[tf] = np.asarray(g["time"][:], dtype=np.int64)
                 self._symbols[tf] = [str(s) for s in g["symbol"][:]]
         self.flushes = 0
+        self._unpublished = True
         self.last_flush_ns = 0
 
-    # -- versioned groups ---------------------------------------------------------------------
+    def publish(self) -> None:
+        """Publish the store's current shapes to readers in one atomic metadata write.
 
-    def _link(self, key: str) -> Path:
-        return self.path / key
-
-    def _begin(self, key: str) -> Path:
-        """Return a new version directory holding hard links to the current version's files."""
-        new = self.path / VERSIONS / f"{key.replace('/', '-')}-{self._version}"
-        self._version += 1
-        current = self._link(key)
-        if current.exists():
-            src = current.resolve()
-            for dirpath, _, files in os.walk(src):
-                rel = Path(dirpath).relative_to(src)
-                (new / rel).mkdir(parents=True, exist_ok=True)
-                for f in files:
-                    os.link(Path(dirpath) / f, new / rel / f)
-        return new
-
-    def _commit(self, key: str, new: Path) -> None:
-        """Point ``key`` at ``new`` with one atomic rename; retire the old version."""
-        link = self._link(key)
-        old = link.resolve() if link.is_symlink() else None
-        tmp = link.with_name(f".{link.name}.tmp-link")
-        tmp.unlink(missing_ok=True)
-        os.symlink(os.path.relpath(new, link.parent), tmp)
-        os.replace(tmp, link)
-        if old is not None:
-            self._retired.append((time.monotonic(), old))
-        while self._retired and time.monotonic() - self._retired[0][0] > GRACE_S:
-            shutil.rmtree(self._retired.popleft()[1], ignore_errors=True)
-
-    def _remove_orphans(self) -> None:
-        """Delete version directories no link points to (left by a writer that was killed)."""
-        links = [self.path / "quarantine", *(self.path / "bars").iterdir()]
-        live = {p.resolve() for p in links if p.is_symlink()}
-        for p in (self.path / VERSIONS).iterdir():
-            if p.resolve() not in live:
-                shutil.rmtree(p, ignore_errors=True)
+        Call after the arrays of a flush are written; cheap when no shape changed.
+        """
+        if not self._unpublished:
+            return
+        with warnings.catch_warnings():  # zarr-python (and xarray) read it; the v3 spec lags
+            warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
+            zarr.consolidate_metadata(str(self.path), zarr_format=3)
+        self._unpublished = False
 
     # -- bars -------------------------------------------------------------------------------
 
@@ -245,10 +219,9 @@ class BarStore:
             names = [str(s) for s in changes["symbol"].values]
             key = f"bars/{tf}"
             if tf not in self._times:
-                new = self._begin(key)
-                changes.to_zarr(str(new), mode="w", zarr_format=3,
+                changes.to_zarr(str(self.path), group=key, mode="w", zarr_format=3,
                                 consolidated=False, encoding=bars_encoding(changes))
-                self._commit(key, new)
+                self._unpublished = True
                 self._times[tf] = times.copy()
                 self._symbols[tf] = names
                 return
@@ -277,7 +250,7 @@ class BarStore:
                     block = np.full((len(times), n_sym), _FILL.get(name, np.nan), dtype=dtype)
                     block[:, order] = values
                     if len(missing) and old_rows > 0:  # columns not in changes keep stored values
-                        old = zarr.open_array(str(self._link(key) / name), mode="r")[start : start + old_rows]
+                        old = zarr.open_array(str(self.path / key / name), mode="r")[start : start + old_rows]
                         block[:old_rows, missing] = old[:, missing]
                 writes.append((name, (length, n_sym), (slice(start, length), slice(None)), block))
             if new_names:
@@ -287,15 +260,13 @@ class BarStore:
             if length == len(stored) and not new_names and (times == stored[start:]).all():
                 # Same shapes, same times: only bar values change (the forming bars). Patch the
                 # chunk files directly (zarr's per-call overhead is ~2 ms an array); each file is
-                # replaced atomically, so readers need no new version.
-                live = self._link(key).resolve()
+                # replaced atomically and the published shapes stay valid.
                 for name, _, selection, block in writes:
                     if name != "time":
-                        _patch_chunks(live / name, block, selection[0].start, BAR_FIELDS[name])
+                        _patch_chunks(self.path / key / name, block, selection[0].start, BAR_FIELDS[name])
             else:
-                new = self._begin(key)
-                zsync(_write_arrays(str(new), writes))
-                self._commit(key, new)
+                zsync(_write_arrays(str(self.path / key), writes))
+                self._unpublished = True
             self._symbols[tf] = all_names
             self._times[tf] = np.concatenate([stored[:start], times])
 
@@ -320,21 +291,20 @@ class BarStore:
             "raw": np.asarray(q.raw, dtype=object),
         }
         with self._mutex:
-            new = self._begin("quarantine")
-            if not (new / "zarr.json").exists():
+            if "quarantine" not in self.root:
                 ds = xr.Dataset({k: ("record", v) for k, v in columns.items() if k != "time"},
                                 coords={"time": ("record", q.time.view("datetime64[ns]"))})
-                ds.to_zarr(str(new), mode="w", zarr_format=3, consolidated=False,
+                ds.to_zarr(str(self.path), group="quarantine", mode="w", zarr_format=3, consolidated=False,
                            encoding={"time": {"dtype": "int64", "units": TIME_UNITS,
                                               "calendar": "proleptic_gregorian", "chunks": (65536,)}})
             else:
-                g = zarr.open_group(str(new), mode="r+")
+                g = zarr.open_group(str(self.path / "quarantine"), mode="r+", use_consolidated=False)
                 n0 = g["reason"].shape[0]
                 for k, v in columns.items():
                     arr = g[k]
                     arr.resize((n0 + len(q),))
                     arr[n0:] = v
-            self._commit("quarantine", new)
+            self._unpublished = True
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -344,7 +314,7 @@ class BarStore:
         The arrays go to a new file first; ``meta.json`` naming that file then replaces the
         old one in a single rename, so a stop at any moment leaves a consistent pair.
         """
-        folder = self.path / "_checkpoint"
+        folder = self.writer_dir / "checkpoint"
         folder.mkdir(exist_ok=True)
         self.flushes += 1
         name = f"state-{os.getpid()}-{self.flushes}.npz"
@@ -359,7 +329,7 @@ class BarStore:
 
     def load_checkpoint(self) -> tuple[dict[str, np.ndarray], dict] | None:
         """Return (arrays, metadata) of the last checkpoint, or None."""
-        folder = self.path / "_checkpoint"
+        folder = self.writer_dir / "checkpoint"
         try:
             meta = json.loads((folder / "meta.json").read_text())
             with np.load(folder / meta["arrays"]) as z:
@@ -369,10 +339,8 @@ class BarStore:
         return arrays, meta
 
     def close(self) -> None:
-        """Remove replaced versions and release the writer lock."""
+        """Release the writer lock."""
         if not self._lock_file.closed:
-            while getattr(self, "_retired", None):
-                shutil.rmtree(self._retired.popleft()[1], ignore_errors=True)
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
 
@@ -388,8 +356,11 @@ def open_bars(path: str | os.PathLike, tf: str = "1m") -> xr.Dataset:
 
     Examples
     --------
-    >>> ds = open_bars("data/market.zarr", "1m")  # doctest: +SKIP
+    >>> open_bars("data/market.zarr", "2m")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown timeframe '2m'; choose from 1m, 5m, 15m, 1h, 4h, 1d
     """
     if tf not in TIMEFRAMES:
         raise ValueError(f"unknown timeframe {tf!r}; choose from {', '.join(TIMEFRAMES)}")
-    return xr.open_zarr(str(path), group=f"bars/{tf}", consolidated=False)
+    return xr.open_zarr(str(path), group=f"bars/{tf}")  # the consolidated snapshot

@@ -53,7 +53,7 @@ def test_stored_bars_equal_pandas_oracle(stored, tf):
     # every bar, amended in place by late trades across many flushes.
     path, df, _ = stored
     want, _ = accepted_trades(df, WINDOW)
-    got = dataset_to_frame(xr.open_zarr(path, group=f"bars/{tf}", consolidated=False).load())
+    got = dataset_to_frame(xr.open_zarr(path, group=f"bars/{tf}").load())
     assert_bars_equal(got, pandas_bars(want, tf))
 
 
@@ -74,7 +74,7 @@ def test_stored_layout_and_dtypes(stored):
 
 def test_quarantine_is_persisted_with_reasons(stored):
     path, _, flow = stored
-    q = xr.open_zarr(path, group="quarantine", consolidated=False).load()
+    q = xr.open_zarr(path, group="quarantine").load()
     counts = pd.Series(q.reason.values.tolist()).value_counts().to_dict()
     assert counts == flow.counters.quarantined
     assert "too_late" in counts and "non_positive_price" in counts
@@ -111,15 +111,16 @@ def test_second_writer_is_refused(tmp_path):
 
 
 READER = textwrap.dedent("""
-    import sys, time, xarray as xr
-    path, deadline = sys.argv[1], time.time() + float(sys.argv[2])
+    import os, sys, xarray as xr
+    path, stop = sys.argv[1], sys.argv[2]
     opened = 0
-    while time.time() < deadline:
+    while not os.path.exists(stop):
         for tf in ("1m", "1h"):
             try:
-                ds = xr.open_zarr(path, group=f"bars/{tf}", consolidated=False)
+                ds = xr.open_zarr(path, group=f"bars/{tf}")
             except FileNotFoundError:
                 continue  # not created yet
+            assert ds.sizes["time"] == ds["time"].size
             ds["close"].isel(time=slice(-3, None)).load()
             opened += 1
     print(opened)
@@ -128,16 +129,24 @@ READER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_reader_process_never_fails_during_writes(tmp_path):
-    path = tmp_path / "live.zarr"
-    flow = Flow(FlowConfig(store=str(path), flush_interval_s=0.05))
-    from flows.runner import start_simulated
+    # Arrange: a reader process opening the groups in a loop.
+    path, stop = tmp_path / "live.zarr", tmp_path / "stop"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(path), str(stop)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Act: 150 flushes, each after 20 s of event time, so rows are appended (and the forming
+    # bars patched) while the reader reads.
+    from flows.feeds.simulated import SimulatedMarket
 
-    thread = start_simulated(flow, n_symbols=50, rate=20000, realtime=False, duration_s=4 * 3600)
-    reader = subprocess.run([sys.executable, "-c", READER, str(path), "6"], capture_output=True,
-                            text=True, timeout=120)
-    thread.stop.set()
-    thread.join()
+    flow = Flow(FlowConfig(store=str(path)))
+    market = SimulatedMarket(flow.table, n_symbols=50, rate=500, start_ns=1_700_000_000 * 10**9,
+                             batch_ms=20_000)
+    for batch in market.batches(150 * 20):
+        flow.push(batch)
+        flow.flush()
+    stop.touch()
+    out, err = reader.communicate(timeout=60)
     flow.close()
-    assert reader.returncode == 0, reader.stderr[-2000:]
-    assert int(reader.stdout) > 20
-    assert flow.store.flushes > 20
+    # Assert
+    assert reader.returncode == 0, err[-2000:]
+    assert int(out) > 20
+    assert open_bars(path, "1m").sizes["time"] in (50, 51)  # 3000 s from :20 past the minute
