@@ -81,7 +81,7 @@ def _before(t1, i1, s1, t2, i2, s2):
 
 
 @numba.njit(cache=True)
-def _fold_trades(local, sym, time, tid, seq, price, size, f, k):
+def _fold_trades(local, sym, time, tid, seq, price, size, count, f, k):
     """Fold trades into partial bars ``f[field, local, sym]`` (floats) / ``k[...]`` (ints)."""
     for i in range(len(local)):
         j = local[i]
@@ -115,7 +115,7 @@ def _fold_trades(local, sym, time, tid, seq, price, size, f, k):
                 f[2, j, s] = p
         f[4, j, s] += size[i]
         f[5, j, s] += p * size[i]
-        k[0, j, s] += 1
+        k[0, j, s] += count[i]
 
 
 @numba.njit(cache=True)
@@ -338,7 +338,8 @@ class BarEngine:
             local_minutes, local = np.unique(minute, return_inverse=True)
             used = np.ones(len(local_minutes), dtype=bool)
         pf, pk = _empty_state(len(local_minutes), n_sym)
-        _fold_trades(local, batch.symbol, batch.time, batch.trade_id, seq, batch.price, batch.size, pf, pk)
+        _fold_trades(local, batch.symbol, batch.time, batch.trade_id, seq, batch.price, batch.size,
+                     batch.count, pf, pk)
         touched = {}
         for tf, frame in self.frames.items():
             buckets = local_minutes - local_minutes % frame.tf_ns

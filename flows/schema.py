@@ -160,6 +160,8 @@ class TradeBatch:
     trade_id : int64, unique per symbol; ``NO_ID`` (-1) where the venue gives none.
     side : int8 aggressor side, ``BUY`` (1), ``SELL`` (-1) or ``UNKNOWN_SIDE`` (0).
     recv_time : int64 ns, when the batch was received (0 where unknown).
+    count : int32 number of exchange trades each row stands for -- 1 for a plain trade, more
+        for an aggregated record such as Binance's aggTrade (``l - f + 1``). Bars count these.
 
     Examples
     --------
@@ -177,12 +179,15 @@ class TradeBatch:
     trade_id: np.ndarray = field(default_factory=lambda: _empty("int64"))
     side: np.ndarray = field(default_factory=lambda: _empty("int8"))
     recv_time: np.ndarray = field(default_factory=lambda: _empty("int64"))
+    count: np.ndarray | None = None
 
-    COLUMNS = ("time", "symbol", "price", "size", "trade_id", "side", "recv_time")
-    DTYPES = ("int64", "int32", "float64", "float64", "int64", "int8", "int64")
+    COLUMNS = ("time", "symbol", "price", "size", "trade_id", "side", "recv_time", "count")
+    DTYPES = ("int64", "int32", "float64", "float64", "int64", "int8", "int64", "int32")
 
     def __post_init__(self) -> None:
         n = len(self.time)
+        if self.count is None:
+            object.__setattr__(self, "count", np.ones(n, dtype=np.int32))
         for name, dtype in zip(self.COLUMNS, self.DTYPES):
             arr = getattr(self, name)
             if arr.dtype != np.dtype(dtype) or arr.ndim != 1:
@@ -205,6 +210,7 @@ class TradeBatch:
         trade_id: Sequence[int] | np.ndarray | None = None,
         side: Sequence[int] | np.ndarray | None = None,
         recv_time: Sequence[int] | np.ndarray | int | None = None,
+        count: Sequence[int] | np.ndarray | None = None,
     ) -> "TradeBatch":
         """Build a batch from columns; ``symbol`` holds names, coded through ``symbols``."""
         t = np.asarray(time, dtype=np.int64)
@@ -224,6 +230,7 @@ class TradeBatch:
                       else np.asarray(trade_id, dtype=np.int64)),
             side=(np.zeros(n, dtype=np.int8) if side is None else np.asarray(side, dtype=np.int8)),
             recv_time=recv,
+            count=None if count is None else np.asarray(count, dtype=np.int32),
         )
 
     def take(self, index: np.ndarray) -> "TradeBatch":

@@ -42,6 +42,35 @@ def test_listing_is_independent_of_seed_and_scales():
     assert len({r["ticker"] for r in big}) == 400
 
 
+@pytest.mark.parametrize("n", [500, 2000])
+def test_listing_scales_past_the_first_brands(n):
+    rows = listing(n)
+
+    tickers = [r["ticker"] for r in rows]
+    names = [r["name"] for r in rows]
+    assert len(rows) == n and len(set(tickers)) == n and len(set(names)) == n
+    assert all(re.fullmatch(r"[A-Z]{3,4}", t) for t in tickers)
+    assert all(len(name.split()) >= 3 for name in names)
+    per_sector = {s: sum(r["sector"] == s for r in rows) / n for s in SECTORS}
+    for sector, (share, _, _) in SECTORS.items():
+        assert per_sector[sector] == pytest.approx(share, abs=0.01)
+    assert listing(n) == rows  # deterministic
+
+
+def test_large_market_registers_every_ticker():
+    table = SymbolTable()
+    market, trades = tape(1.0, symbols=table, n_symbols=2000, rate=50_000.0)
+
+    assert len(table) == 2000 and len(set(market.tickers)) == 2000
+    assert {table.meta[t]["exchange"] for t in market.tickers} == {"SIM"}
+    assert len(np.unique(trades.symbol)) > 500
+
+
+def test_listing_refuses_more_symbols_than_it_can_name():
+    with pytest.raises(FeedError, match="at most"):
+        listing(10**6)
+
+
 def test_market_codes_follow_symbols_already_in_the_table():
     table = SymbolTable(["AAPL"])
     market, trades = tape(1.0, symbols=table)

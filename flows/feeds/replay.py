@@ -502,9 +502,10 @@ _KLINE_COLUMNS = ("symbol", "interval", "t", "open", "high", "low", "close", "vo
 
 def _agg_batch(rows: list[tuple], symbols: SymbolTable) -> TradeBatch:
     cols = list(zip(*rows))
+    count = np.asarray(cols[8], dtype=np.int64) - np.asarray(cols[7], dtype=np.int64) + 1
     return TradeBatch.from_columns(symbols, symbol=cols[0], time=cols[1], price=cols[2],
                                    size=cols[3], trade_id=cols[4], side=cols[5],
-                                   recv_time=cols[6])
+                                   recv_time=cols[6], count=np.clip(count, 1, None))
 
 
 def _iter_binance(p: Path, symbols: SymbolTable, batch_rows: int, ignored: Counter

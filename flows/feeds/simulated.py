@@ -30,7 +30,7 @@ import numpy as np
 from flows.feeds import FeedError
 from flows.schema import BUY, NS, SELL, SymbolTable, TradeBatch
 
-__all__ = ["SECTORS", "SimulatedMarket", "listing"]
+__all__ = ["MAX_SYMBOLS", "SECTORS", "SimulatedMarket", "listing"]
 
 #: Sectors of the simulated exchange: share of listings, annualized volatility, industry words
 #: used to name its companies.
@@ -72,7 +72,36 @@ _BRANDS = (
     "Northstar", "Osprey", "Prairie", "Presidio", "Regent", "Riverbend", "Sequoia", "Shoreline",
     "Skyline", "Thornbury", "Trillium", "Valley", "Wexford", "Windward",
 )
+#: More brands, drawn on only by listings larger than ``_BRANDS`` alone can name (> 470).
+_MORE_BRANDS = (
+    "Acorn", "Anchor", "Ashford", "Avalon", "Bayview", "Belmont", "Blackstone", "Bramble",
+    "Brookfield", "Buckeye", "Calumet", "Camden", "Capstone", "Carlisle", "Chesapeake",
+    "Citadel", "Clarion", "Concord", "Cornerstone", "Cresthaven", "Dakota", "Dominion",
+    "Driftwood", "Eagle", "Elmwood", "Emerald", "Equinox", "Fairmont", "Fieldstone", "Foxhall",
+    "Gateway", "Greenfield", "Halcyon", "Hampton", "Harvest", "Hillcrest", "Ivory", "Jasper",
+    "Kestrel", "Kingsley", "Lakeland", "Landmark", "Laurel", "Lexington", "Lighthouse",
+    "Linden", "Marigold", "Marquette", "Meadow", "Merrimack", "Mohawk", "Montclair",
+    "Mountain", "Newport", "Nimbus", "Oasis", "Olympic", "Onyx", "Palisade", "Pembroke",
+    "Peregrine", "Piedmont", "Polaris", "Prospect", "Quarry", "Rainier", "Raven", "Regal",
+    "Riverside", "Rockport", "Rosewood", "Saddleback", "Saratoga", "Seaboard", "Shenandoah",
+    "Solstice", "Spruce", "Starling", "Sycamore", "Tahoe", "Talon", "Terrace", "Timber",
+    "Topaz", "Tundra", "Twin Oaks", "Upland", "Verdant", "Victory", "Vista", "Walden",
+    "Waverly", "Whitestone", "Wildwood", "Woodland", "Yellowstone", "Yukon", "Zephyr",
+    "Ardent", "Bristol", "Crown", "Everest", "Galaxy", "Ironclad", "Lumen", "Northgate",
+)
+#: Words that set a company apart from another of the same brand and industry ("First
+#: Harbor Bancorp" beside "Harbor Bancorp"), used only once a brand has every industry of a
+#: sector already.
+_QUALIFIERS = ("First", "United", "National", "General", "American", "Global", "Allied",
+               "Standard", "Premier", "Continental", "International", "Consolidated", "Western",
+               "Southern", "Eastern", "Northern", "Royal", "Central", "Republic", "Imperial")
 _SUFFIXES = ("Inc.", "Corp.", "Holdings", "Group", "Co.", "Inc.", "Corp.", "Ltd.")
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_MIN_INDUSTRIES = min(len(v[2]) for v in SECTORS.values())
+_FIRST_LISTING_MAX = len(_BRANDS) * _MIN_INDUSTRIES  # 470: the listing's original reach
+#: The largest listing: each brand can name a company in every industry of one sector under
+#: every qualifier, however the sectors fall.
+MAX_SYMBOLS = (len(_BRANDS) + len(_MORE_BRANDS)) * _MIN_INDUSTRIES * (len(_QUALIFIERS) + 1)
 _UNIVERSE_SEED = 20_240_614  # the listing is the same for every seed: only the tape changes
 
 # Market regimes: mean dwell time (s), volatility multiplier, activity multiplier.
@@ -92,6 +121,9 @@ _TICK = 0.01
 
 
 def _ticker(brand: str, industry: str, taken: set[str]) -> str:
+    words = brand.split()
+    if len(words) > 1:  # "First Harbor": the qualifier's initial leads (FHRB, FHR, FHB)
+        return _qualified_ticker(words, industry, taken)
     b = "".join(c for c in brand.upper() if c.isalpha())
     i = "".join(c for c in industry.upper() if c.isalpha())
     consonants = b[0] + "".join(c for c in b[1:] if c not in "AEIOU")
@@ -101,18 +133,43 @@ def _ticker(brand: str, industry: str, taken: set[str]) -> str:
     candidates += [consonants[:4], consonants[:3], consonants[:3] + i[0], b[:3] + i[0],
                    b[0] + consonants[1:3] + i[0], b[:2] + i[:2], b[:4], b[:3]]
     candidates += [b[0] + b[k] + i[0] for k in range(1, len(b))]
-    candidates += [b[:2] + c for c in "ABCDEFGHIJKLMNOPRSTUVWXYZ"]
+    candidates += [b[:2] + c for c in _LETTERS if c != "Q"]
     for c in candidates:
         if 3 <= len(c) <= 4 and c not in taken:
             return c
-    raise AssertionError("ticker space exhausted")  # cannot happen with the candidate list above
+    return _any_ticker(b[0], taken)
+
+
+def _qualified_ticker(words: list[str], industry: str, taken: set[str]) -> str:
+    q = words[0][0].upper()
+    b = "".join(c for c in "".join(words[1:]).upper() if c.isalpha())
+    i = "".join(c for c in industry.upper() if c.isalpha())
+    consonants = b[0] + "".join(c for c in b[1:] if c not in "AEIOU")
+    candidates = [q + consonants[:3], q + consonants[:2], q + b[0] + i[0], q + b[:2] + i[0],
+                  q + consonants[:2] + i[0], q + b[0] + i[:2], q + b[:3]]
+    candidates += [q + b[0] + c for c in _LETTERS if c != "Q"]
+    for c in candidates:
+        if 3 <= len(c) <= 4 and c not in taken:
+            return c
+    return _any_ticker(q, taken)
+
+
+def _any_ticker(first: str, taken: set[str]) -> str:
+    """Return the first free 3-letter, then 4-letter, ticker starting with ``first``."""
+    for width in (2, 3):
+        for k in range(26**width):
+            rest = "".join(_LETTERS[k // 26**p % 26] for p in reversed(range(width)))
+            if first + rest not in taken:
+                return first + rest
+    raise FeedError("simulated market: ticker space exhausted")  # > 18,000 per initial
 
 
 def listing(n_symbols: int = 100) -> list[dict[str, str]]:
     """Return the simulated exchange's listing: ticker, name and sector of each company.
 
     The listing depends only on ``n_symbols`` (not on the market's seed), so stores written by
-    different runs share their symbols.
+    different runs share their symbols. Up to :data:`MAX_SYMBOLS` (21,000) companies: tickers
+    are 3-4 letters and unique, names unique.
 
     Examples
     --------
@@ -124,9 +181,9 @@ def listing(n_symbols: int = 100) -> list[dict[str, str]]:
     """
     if n_symbols < 1:
         raise FeedError(f"simulated market: n_symbols must be at least 1, got {n_symbols}")
-    max_n = len(_BRANDS) * min(len(v[2]) for v in SECTORS.values())
-    if n_symbols > max_n:
-        raise FeedError(f"simulated market: n_symbols must be at most {max_n}, got {n_symbols}")
+    if n_symbols > MAX_SYMBOLS:
+        raise FeedError(f"simulated market: n_symbols must be at most {MAX_SYMBOLS}, "
+                        f"got {n_symbols}")
     names = list(SECTORS)
     shares = np.array([SECTORS[s][0] for s in names]) * n_symbols
     counts = np.floor(shares).astype(int)
@@ -135,25 +192,35 @@ def listing(n_symbols: int = 100) -> list[dict[str, str]]:
         for k in np.flatnonzero(counts == 0):
             counts[k] += 1
             counts[np.argmax(counts)] -= 1
+    # Up to 470 companies the first brands suffice (and those listings stay as they always
+    # were); larger ones draw on more brands, and qualify a name only when a brand has run out
+    # of a sector's industries.
+    pool = _BRANDS if n_symbols <= _FIRST_LISTING_MAX else _BRANDS + _MORE_BRANDS
     rng = np.random.default_rng(_UNIVERSE_SEED)
-    brands = rng.permutation(len(_BRANDS))  # each brand once before any is reused
+    brands = rng.permutation(len(pool))  # each brand once before any is reused
     rows: list[dict[str, str]] = []
     taken: set[str] = set()
-    company_names: set[str] = set()
+    prefixes: set[str] = set()  # every leading run of words (with its space) of each name
     k = 0
     for sector, count in zip(names, counts):
         industries = SECTORS[sector][2]
         for _ in range(count):
-            brand = _BRANDS[brands[k % len(brands)]]
+            brand = pool[brands[k % len(brands)]]
             k += 1
             j = int(rng.integers(len(industries)))
-            while any(n.startswith(f"{brand} {industries[j]} ") for n in company_names):
+            qualified = brand
+            for attempt in range(len(industries) * (len(_QUALIFIERS) + 1)):
+                q = attempt // len(industries)
+                qualified = brand if q == 0 else f"{_QUALIFIERS[q - 1]} {brand}"
+                if f"{qualified} {industries[j]} " not in prefixes:
+                    break
                 j = (j + 1) % len(industries)
             suffix = _SUFFIXES[rng.integers(len(_SUFFIXES))]
-            name = f"{brand} {industries[j]} {suffix}"
-            ticker = _ticker(brand, industries[j], taken)
+            name = f"{qualified} {industries[j]} {suffix}"
+            words = name.split(" ")
+            prefixes.update(" ".join(words[:w]) + " " for w in range(1, len(words)))
+            ticker = _ticker(qualified, industries[j], taken)
             taken.add(ticker)
-            company_names.add(name)
             rows.append({"ticker": ticker, "name": name, "sector": sector})
     return rows
 
