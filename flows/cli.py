@@ -22,6 +22,13 @@ EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (with a pointer to --help)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class UserError(Exception):
     """A mistake the user can fix; printed as one line."""
 
@@ -66,12 +73,12 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tapeflow", description="Market data flows: trades -> OHLCV bars in Zarr -> live dashboards.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--store", default="data/market.zarr", metavar="PATH",
                         help="Zarr store to write (default: %(default)s)")
     common.add_argument("--timeframes", type=_timeframes, default=tuple(TIMEFRAMES), metavar="LIST",
@@ -83,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bars per timeframe kept in memory (default: %(default)s)")
     common.add_argument("--fresh", action="store_true", help="delete the store first and start empty")
 
-    market = argparse.ArgumentParser(add_help=False)
+    market = _Parser(add_help=False)
     market.add_argument("--feed", default="simulated", choices=["simulated"],
                         help="trade source (default: %(default)s)")
     market.add_argument("--symbols", type=_positive_int, default=100, metavar="N",
@@ -99,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 to serve the team's network (default: %(default)s)")
     p.add_argument("--show", action="store_true", help="open a browser tab")
+    p.add_argument("--backfill", type=float, default=60.0, metavar="MIN",
+                   help="simulated market, empty store: minutes of history generated at full "
+                        "speed before going live (default: %(default)s; 0 for none)")
 
     p = sub.add_parser("run", parents=[common, market], help="run the flow headless",
                        description="Run the flow headless, printing a status line, until --duration or Ctrl-C.")
@@ -189,7 +199,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     flow = _make_flow(args, args.feed)
     stop = threading.Event()
-    start_simulated(flow, n_symbols=args.symbols, rate=args.rate, seed=args.seed, stop=stop)
+    backfill = args.backfill * 60 if flow.engine.open_minute is None else 0.0  # only into an empty store
+    start_simulated(flow, n_symbols=args.symbols, rate=args.rate, seed=args.seed,
+                    backfill_s=backfill, stop=stop)
     url = f"http://{args.address}:{args.port}"
     try:
         server = serve(flow, port=args.port, address=args.address, show=args.show, threaded=False, start=False)

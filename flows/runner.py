@@ -13,29 +13,51 @@ import numpy as np
 
 from flows.feeds import FeedError
 from flows.pipeline import Flow
+from flows.schema import TradeBatch
 
 
 def start_simulated(flow: Flow, n_symbols: int = 100, rate: float = 2000.0, seed: int = 0,
                     realtime: bool = True, duration_s: float | None = None,
-                    stop: threading.Event | None = None) -> threading.Thread:
-    """Run the simulated market into ``flow`` in a daemon thread; the flusher persists it."""
+                    backfill_s: float = 0.0, stop: threading.Event | None = None) -> threading.Thread:
+    """Run the simulated market into ``flow`` in a daemon thread; the flusher persists it.
+
+    With ``realtime`` the tape starts ``backfill_s`` seconds in the past, replays that stretch
+    as fast as possible (so charts open with history), then follows the wall clock. Without
+    it the whole ``duration_s`` (default one day) is generated at full speed, ending now.
+    """
     from flows.feeds.simulated import SimulatedMarket
 
-    start_ns = None  # live: event time is the wall clock
-    if not realtime:  # as fast as possible: end about now, so nothing is stamped in the future
-        span = duration_s if duration_s is not None else 86400.0
-        start_ns = (time.time_ns() - int(span * 1e9)) // 60_000_000_000 * 60_000_000_000
-    market = SimulatedMarket(flow.table, n_symbols=n_symbols, rate=rate, seed=seed, realtime=realtime,
+    now = time.time_ns()
+    span = backfill_s if realtime else (duration_s if duration_s is not None else 86400.0)
+    start_ns = (now - int(span * 1e9)) // 60_000_000_000 * 60_000_000_000 if span else now // 10**9 * 10**9
+    market = SimulatedMarket(flow.table, n_symbols=n_symbols, rate=rate, seed=seed, realtime=False,
                              start_ns=start_ns)
     stop = stop or threading.Event()
 
     def loop() -> None:
-        flow.feed_state = "LIVE"
+        flow.feed_state = "BACKFILL" if realtime and span else "LIVE"
+        pending: list = []
+        end = market.start_ns
         try:
             for batch in market.batches(duration_s):
                 if stop.is_set():
                     break
-                flow.push(batch)
+                end += market.batch_ns
+                if realtime and end > time.time_ns():  # caught up: follow the wall clock
+                    if pending:
+                        flow.push(TradeBatch.concat(pending))
+                        pending = []
+                    flow.feed_state = "LIVE"
+                    if stop.wait(max(0.0, (end - time.time_ns()) / 1e9)):
+                        break
+                    flow.push(batch)
+                else:  # history: push in large batches
+                    pending.append(batch)
+                    if len(pending) >= 50:
+                        flow.push(TradeBatch.concat(pending))
+                        pending = []
+            if pending:
+                flow.push(TradeBatch.concat(pending))
         finally:
             flow.feed_state = "STOPPED"
 
