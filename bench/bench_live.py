@@ -54,16 +54,16 @@ class RssSampler(threading.Thread):
     def __init__(self, every_s: float = 1.0):
         super().__init__(daemon=True, name="rss-sampler")
         self.every_s, self.samples = every_s, []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._proc = psutil.Process()
 
     def run(self) -> None:
         t0 = time.perf_counter()
-        while not self._stop.wait(self.every_s):
+        while not self._halt.wait(self.every_s):
             self.samples.append((time.perf_counter() - t0, self._proc.memory_info().rss / 2**20))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from flows.schema import BAR_ATTRS, BAR_FIELDS, REASONS, TIMEFRAMES, Quarantine, SymbolTable, TradeBatch
+from flows.schema import (BAR_ATTRS, BAR_FIELDS, REASONS, TIMEFRAMES, BarBatch, Quarantine,
+                          SymbolTable, TradeBatch)
 
 MINUTE = TIMEFRAMES["1m"]
 _NONE = np.iinfo(np.int64).max  # "no dirty row" marker
@@ -115,6 +116,44 @@ def _fold_trades(local, sym, time, tid, seq, price, size, count, f, k):
                 f[2, j, s] = p
         f[4, j, s] += size[i]
         f[5, j, s] += p * size[i]
+        k[0, j, s] += count[i]
+
+
+@numba.njit(cache=True)
+def _fold_bars(local, sym, t_open, t_close, seq, o, h, lo, c, v, pv, count, f, k):
+    """Fold ready-made bars into partial bars: each bar is a first trade at its open time
+    (price ``o``) and a last one at its close time (price ``c``)."""
+    for i in range(len(local)):
+        j = local[i]
+        s = sym[i]
+        if k[0, j, s] == 0:
+            f[0, j, s] = o[i]
+            f[1, j, s] = h[i]
+            f[2, j, s] = lo[i]
+            f[3, j, s] = c[i]
+            k[1, j, s] = t_open[i]
+            k[2, j, s] = -1
+            k[3, j, s] = seq[i]
+            k[4, j, s] = t_close[i]
+            k[5, j, s] = -1
+            k[6, j, s] = seq[i]
+        else:
+            if _before(t_open[i], -1, seq[i], k[1, j, s], k[2, j, s], k[3, j, s]):
+                f[0, j, s] = o[i]
+                k[1, j, s] = t_open[i]
+                k[2, j, s] = -1
+                k[3, j, s] = seq[i]
+            if _before(k[4, j, s], k[5, j, s], k[6, j, s], t_close[i], -1, seq[i]):
+                f[3, j, s] = c[i]
+                k[4, j, s] = t_close[i]
+                k[5, j, s] = -1
+                k[6, j, s] = seq[i]
+            if h[i] > f[1, j, s]:
+                f[1, j, s] = h[i]
+            if lo[i] < f[2, j, s]:
+                f[2, j, s] = lo[i]
+        f[4, j, s] += v[i]
+        f[5, j, s] += pv[i]
         k[0, j, s] += count[i]
 
 
@@ -299,58 +338,99 @@ class BarEngine:
             return None
         return self.open_minute - (self.config.window - 1) * MINUTE
 
-    def update(self, batch: TradeBatch) -> BarUpdate:
-        """Fold a batch of valid, de-duplicated trades into the bars.
+    def _split_late(self, minute: np.ndarray) -> np.ndarray:
+        """Return the mask of items older than the window, advancing the open bar.
 
-        Returns the trades refused as ``too_late`` and the earliest bar each timeframe touched.
+        The open bar as each item arrived is the running maximum, so the verdict on an item
+        does not depend on how the items were cut into batches.
         """
-        n = len(batch)
-        if n == 0:
-            return BarUpdate(Quarantine(), {}, 0)
-        minute = batch.time - batch.time % MINUTE
-        # The open bar as each trade arrived: the running maximum, so the verdict on a trade
-        # does not depend on how the trades were cut into batches.
+        n = len(minute)
         running = np.maximum.accumulate(minute)
         before = np.empty(n, dtype=np.int64)
         before[0] = self.open_minute if self.open_minute is not None else minute[0]
         if n > 1:
             np.maximum(running[:-1], before[0], out=before[1:])
-        late = minute < before - (self.config.window - 1) * MINUTE
-        self.open_minute = max(int(running[-1]), before[0])
-        too_late = Quarantine()
-        if late.any():
-            too_late = Quarantine.from_batch(batch.take(late), np.full(int(late.sum()), REASONS.index("too_late")))
-            batch = batch.take(~late)
-            minute = minute[~late]
-            n = len(batch)
-            if n == 0:
-                return BarUpdate(too_late, {}, 0)
-        seq = np.arange(self.seq, self.seq + n, dtype=np.int64)
-        self.seq += n
-        n_sym = len(self.symbols)
+        self.open_minute = max(int(running[-1]), int(before[0]))
+        return minute < before - (self.config.window - 1) * MINUTE
+
+    def _local_grid(self, minute: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Map items to batch-local bar slots: (slot per item, slot times, slot used)."""
         lo, hi = int(minute.min()), int(minute.max())
-        span = (hi - lo) // MINUTE + 1
-        if span * n_sym <= 4_000_000:
-            local = ((minute - lo) // MINUTE).astype(np.int64)
-            local_minutes = lo + np.arange(span, dtype=np.int64) * MINUTE
-            used = np.bincount(local, minlength=span) > 0
-        else:
-            local_minutes, local = np.unique(minute, return_inverse=True)
-            used = np.ones(len(local_minutes), dtype=bool)
-        pf, pk = _empty_state(len(local_minutes), n_sym)
-        _fold_trades(local, batch.symbol, batch.time, batch.trade_id, seq, batch.price, batch.size,
-                     batch.count, pf, pk)
+        span = (hi - lo) // step + 1
+        if span * max(len(self.symbols), 1) <= 4_000_000:
+            local = ((minute - lo) // step).astype(np.int64)
+            times = lo + np.arange(span, dtype=np.int64) * step
+            return local, times, np.bincount(local, minlength=span) > 0
+        times, local = np.unique(minute, return_inverse=True)
+        return local.astype(np.int64), times, np.ones(len(times), dtype=bool)
+
+    def _merge_partials(self, times: np.ndarray, used: np.ndarray, pf: np.ndarray, pk: np.ndarray,
+                        min_tf_ns: int = MINUTE) -> dict[str, int]:
         touched = {}
+        n_sym = pf.shape[2]
         for tf, frame in self.frames.items():
-            buckets = local_minutes - local_minutes % frame.tf_ns
-            rowmap = np.full(len(local_minutes), -1, dtype=np.int64)
+            if frame.tf_ns < min_tf_ns:
+                continue
+            buckets = times - times % frame.tf_ns
+            rowmap = np.full(len(times), -1, dtype=np.int64)
             rowmap[used] = frame.rows_for(buckets[used], n_sym)
             _merge(rowmap, pf, pk, frame.f, frame.k)
             touched[tf] = int(buckets[used][0])
             amendable = self.amendable_from - self.amendable_from % frame.tf_ns
             frame.trim(self.config.history, amendable)
         self.version += 1
-        return BarUpdate(too_late, touched, n)
+        return touched
+
+    def update(self, batch: TradeBatch) -> BarUpdate:
+        """Fold a batch of valid, de-duplicated trades into the bars.
+
+        Returns the trades refused as ``too_late`` and the earliest bar each timeframe touched.
+        """
+        if len(batch) == 0:
+            return BarUpdate(Quarantine(), {}, 0)
+        minute = batch.time - batch.time % MINUTE
+        late = self._split_late(minute)
+        too_late = Quarantine()
+        if late.any():
+            too_late = Quarantine.from_batch(batch.take(late), np.full(int(late.sum()), REASONS.index("too_late")))
+            batch, minute = batch.take(~late), minute[~late]
+            if len(batch) == 0:
+                return BarUpdate(too_late, {}, 0)
+        n = len(batch)
+        seq = np.arange(self.seq, self.seq + n, dtype=np.int64)
+        self.seq += n
+        local, times, used = self._local_grid(minute, MINUTE)
+        pf, pk = _empty_state(len(times), len(self.symbols))
+        _fold_trades(local, batch.symbol, batch.time, batch.trade_id, seq, batch.price, batch.size,
+                     batch.count, pf, pk)
+        return BarUpdate(too_late, self._merge_partials(times, used, pf, pk), n)
+
+    def update_bars(self, tf: str, bars: BarBatch) -> BarUpdate:
+        """Fold ready-made bars of timeframe ``tf`` into ``tf`` and every higher timeframe.
+
+        Each bar counts as its trades (one where the count is unknown), opens at its open time
+        and closes at the end of its interval; late bars follow the same window rule as trades.
+        """
+        if len(bars) == 0:
+            return BarUpdate(Quarantine(), {}, 0)
+        tf_ns = TIMEFRAMES[tf]
+        start = bars.time - bars.time % tf_ns
+        late = self._split_late(start)
+        too_late = Quarantine()
+        if late.any():
+            too_late = Quarantine.from_bars(bars.take(late), np.full(int(late.sum()), REASONS.index("too_late")))
+            bars, start = bars.take(~late), start[~late]
+            if len(bars) == 0:
+                return BarUpdate(too_late, {}, 0)
+        n = len(bars)
+        seq = np.arange(self.seq, self.seq + n, dtype=np.int64)
+        self.seq += n
+        local, times, used = self._local_grid(start, tf_ns)
+        pf, pk = _empty_state(len(times), len(self.symbols))
+        pv = np.where(np.isfinite(bars.vwap), bars.vwap * bars.volume, np.nan)
+        _fold_bars(local, bars.symbol, start, start + tf_ns - 1, seq, bars.open, bars.high, bars.low,
+                   bars.close, bars.volume, pv, np.maximum(bars.trades, 1), pf, pk)
+        return BarUpdate(too_late, self._merge_partials(times, used, pf, pk, tf_ns), n)
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unit of numeric epoch times (default: inferred from their magnitude)")
     p.add_argument("--speed", type=_speed, default=None, metavar="max|X",
                    help="'max' (default) or a factor of real time, e.g. 10")
+    p.add_argument("--bars", choices=list(TIMEFRAMES), default=None, metavar="TF",
+                   help="the files hold ready-made OHLCV bars of this timeframe (columns time|date, "
+                        "symbol|name|ticker, open, high, low, close, volume; optional trades, vwap); "
+                        "they are rolled up to the higher timeframes")
     return parser
 
 
@@ -162,7 +166,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     flow = _make_flow(args, "replay")
     try:
         summary = replay_files(flow, args.files, fmt=args.format, time_unit=args.time_unit,
-                               speed=args.speed, progress=Progress())
+                               speed=args.speed, progress=Progress(), bars=args.bars)
     finally:
         flow.close()
     format_summary(flow, summary)

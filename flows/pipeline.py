@@ -21,7 +21,7 @@ import pandas as pd
 from streamz import Stream
 
 from flows.bars import BarConfig, BarEngine, empty_bars_frame
-from flows.schema import REASONS, TIMEFRAMES, Quarantine, SymbolTable, TradeBatch
+from flows.schema import REASONS, TIMEFRAMES, BarBatch, Quarantine, SymbolTable, TradeBatch
 from flows.store import BarStore
 from flows.validate import Clock, Counters, ValidateConfig, Validator, wall_clock_ns
 
@@ -165,6 +165,24 @@ class Flow:
                 self.validator.quarantine_unparsed(unparsed)
                 self._quarantine(unparsed)
             self.source.emit(batch)
+            self.stats.batches += 1
+            if source is not None:
+                self.positions[source] = self.positions.get(source, 0) + rows
+
+    def push_bars(self, tf: str, bars: BarBatch, unparsed: Quarantine | None = None,
+                  source: str | None = None, rows: int = 0) -> None:
+        """Run ready-made OHLCV bars of timeframe ``tf`` through validation into the bars
+        (``tf`` and every higher timeframe; thread-safe)."""
+        with self.lock:
+            if unparsed is not None and len(unparsed):
+                self.validator.quarantine_unparsed(unparsed)
+                self._quarantine(unparsed)
+            accepted, quarantine = self.validator.process_bars(bars, tf)
+            self._quarantine(quarantine)
+            update = self.engine.update_bars(tf, accepted)
+            if len(update.too_late):
+                self.validator.quarantine_late(update.too_late)
+                self._quarantine(update.too_late)
             self.stats.batches += 1
             if source is not None:
                 self.positions[source] = self.positions.get(source, 0) + rows

@@ -128,11 +128,12 @@ class Progress:
 
 def replay_files(flow: Flow, paths: list[str], fmt: str | None = None, time_unit: str | None = None,
                  speed: float | None = None, progress: Progress | None = None,
-                 stop: threading.Event | None = None) -> ReplaySummary:
+                 stop: threading.Event | None = None, bars: str | None = None) -> ReplaySummary:
     """Replay recorded files through ``flow``, resuming after the store's last checkpoint.
 
     A file already partly replayed into this store (same path and size) continues where the
     checkpoint left off, so a stopped replay restarted ends with the same bars as one run.
+    With ``bars`` (a timeframe) the files hold ready-made OHLCV bars of that timeframe.
     """
     from flows.feeds.replay import Replayer
 
@@ -143,7 +144,8 @@ def replay_files(flow: Flow, paths: list[str], fmt: str | None = None, time_unit
         path = check_readable(name)
         key = source_key(path)
         done = flow.positions.get(key, 0)
-        replayer = Replayer([str(path)], flow.table, format=fmt, time_unit=time_unit, speed=speed)
+        replayer = Replayer([str(path)], flow.table, format=fmt, time_unit=time_unit, speed=speed,
+                            bars=bars is not None)
         summary.files.append(name)
         skipped = 0
         for batch, unparsed in replayer:
@@ -156,7 +158,10 @@ def replay_files(flow: Flow, paths: list[str], fmt: str | None = None, time_unit
                     raise FeedError(f"{name}: the store's checkpoint does not match this file's "
                                     "batches; replay into a fresh store (--fresh)")
                 continue
-            flow.push(batch, unparsed, source=key, rows=rows)
+            if bars is not None:
+                flow.push_bars(bars, batch, unparsed, source=key, rows=rows)
+            else:
+                flow.push(batch, unparsed, source=key, rows=rows)
             summary.rows += rows
             if progress is not None:
                 elapsed = time.perf_counter() - t0

@@ -62,6 +62,7 @@ REASONS: tuple[str, ...] = (
     "unknown_symbol",
     "malformed",
     "missing_field",
+    "bad_ohlc",
 )
 
 
@@ -256,6 +257,43 @@ class TradeBatch:
         return pd.DataFrame(data)
 
 
+@dataclass(frozen=True)
+class BarBatch:
+    """Ready-made OHLCV bars of one timeframe (a daily file, a venue's minute bars).
+
+    ``time`` is each bar's open time (int64 ns UTC); ``trades`` is the venue's trade count
+    (0 where unknown: such a bar then counts as one trade, so it is not an empty bar); ``vwap``
+    is NaN where unknown.
+    """
+
+    time: np.ndarray
+    symbol: np.ndarray
+    open: np.ndarray
+    high: np.ndarray
+    low: np.ndarray
+    close: np.ndarray
+    volume: np.ndarray
+    trades: np.ndarray
+    vwap: np.ndarray
+
+    COLUMNS = ("time", "symbol", "open", "high", "low", "close", "volume", "trades", "vwap")
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+    @classmethod
+    def from_columns(cls, symbols: SymbolTable, *, time, symbol, open, high, low, close, volume,
+                     trades=None, vwap=None) -> "BarBatch":
+        t = np.asarray(time, dtype=np.int64)
+        n = len(t)
+        return cls(t, symbols.codes(symbol), *(np.asarray(x, dtype=np.float64) for x in (open, high, low, close, volume)),
+                   np.zeros(n, np.int64) if trades is None else np.asarray(trades, dtype=np.int64),
+                   np.full(n, np.nan) if vwap is None else np.asarray(vwap, dtype=np.float64))
+
+    def take(self, index: np.ndarray) -> "BarBatch":
+        return BarBatch(*(getattr(self, c)[index] for c in self.COLUMNS))
+
+
 @dataclass
 class Quarantine:
     """Rejected trades with a reason each; ``raw`` keeps the payload when there is one.
@@ -278,6 +316,12 @@ class Quarantine:
     def from_batch(cls, batch: TradeBatch, reason: np.ndarray) -> "Quarantine":
         return cls(batch.time, batch.symbol, batch.price, batch.size, batch.trade_id,
                    np.asarray(reason, dtype=np.int8), [""] * len(batch))
+
+    @classmethod
+    def from_bars(cls, bars: "BarBatch", reason: np.ndarray) -> "Quarantine":
+        n = len(bars)
+        return cls(bars.time, bars.symbol, bars.close, bars.volume, np.full(n, NO_ID, np.int64),
+                   np.asarray(reason, dtype=np.int8), [""] * n)
 
     @classmethod
     def malformed(cls, raws: Sequence[str], reason: str = "malformed") -> "Quarantine":

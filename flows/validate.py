@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from flows.schema import NO_ID, REASONS, NS, Quarantine, TradeBatch
+from flows.schema import NO_ID, NS, REASONS, TIMEFRAMES, BarBatch, Quarantine, TradeBatch
 
 Clock = Callable[[], int]
 
@@ -222,6 +222,40 @@ class Validator:
         quarantine = Quarantine.from_batch(batch.take(bad), reason[bad]) if bad.any() else Quarantine()
         good = batch.take(~bad) if bad.any() else batch
         dup = self.deduper.check(good.symbol, good.trade_id)
+        if dup.any():
+            good = good.take(~dup)
+        self.counters.duplicates += int(dup.sum())
+        self.counters.accepted += len(good)
+        self.counters.add_quarantine(quarantine)
+        return good, quarantine
+
+    def process_bars(self, bars: BarBatch, tf: str) -> tuple[BarBatch, Quarantine]:
+        """Check ready-made bars: prices finite and positive, ``low <= open, close <= high``,
+        volume not negative, time parsable and not in the future; one bar per (symbol, time)."""
+        n = len(bars)
+        self.counters.received += n
+        if n == 0:
+            return bars, Quarantine()
+        reason = np.full(n, -1, dtype=np.int8)
+        prices = np.stack([bars.open, bars.high, bars.low, bars.close])
+        checks = (
+            ("bad_time", bars.time <= 0),
+            ("future_time", bars.time > self.clock() + int(self.config.max_future_s * NS)),
+            ("unknown_symbol", bars.symbol < 0),
+            ("non_finite_price", ~np.isfinite(prices).all(axis=0)),
+            ("non_positive_price", (prices <= 0).any(axis=0)),
+            ("non_finite_size", ~np.isfinite(bars.volume)),
+            ("non_positive_size", bars.volume < 0),
+            ("bad_ohlc", (bars.high < np.maximum(bars.open, bars.close))
+             | (bars.low > np.minimum(bars.open, bars.close))),
+        )
+        for name, bad in checks:
+            reason[(reason < 0) & bad] = REASONS.index(name)
+        bad = reason >= 0
+        quarantine = Quarantine.from_bars(bars.take(bad), reason[bad]) if bad.any() else Quarantine()
+        good = bars.take(~bad) if bad.any() else bars
+        # One bar per (symbol, bar): its index since the epoch is its id.
+        dup = self.deduper.check(good.symbol, good.time // TIMEFRAMES[tf])
         if dup.any():
             good = good.take(~dup)
         self.counters.duplicates += int(dup.sum())

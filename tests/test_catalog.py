@@ -16,14 +16,15 @@ CATALOG = ROOT / "catalogs" / "market.yaml"
 GROUPS = {**{f"bars_{tf}": f"bars/{tf}" for tf in TIMEFRAMES}, "quarantine": "quarantine"}
 
 
-def make_store(path: Path, minutes: int = 300, n_symbols: int = 20, rate: float = 50.0) -> Path:
+def make_store(path: Path, minutes: int = 300, n_symbols: int = 20, rate: float = 5.0) -> Path:
     """Write ``minutes`` of a simulated market (and two invalid trades) into a store at ``path``."""
     from flows.feeds.simulated import SimulatedMarket
 
     start = 1_700_000_000 * NS // (60 * NS) * (60 * NS)
     end = start + minutes * 60 * NS
     flow = Flow(FlowConfig(store=str(path)), clock=lambda: end)
-    market = SimulatedMarket(flow.table, n_symbols=n_symbols, rate=rate, seed=7, start_ns=start)
+    market = SimulatedMarket(flow.table, n_symbols=n_symbols, rate=rate, seed=7, start_ns=start,
+                             batch_ms=60_000)
     for batch in market.batches(duration_s=minutes * 60):
         flow.push(batch)
     bad = flow.table.names[0]

@@ -36,7 +36,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from flows.feeds import FeedError
-from flows.schema import BUY, NO_ID, NS, REASONS, SELL, Quarantine, SymbolTable, TradeBatch
+from flows.schema import BUY, NO_ID, NS, REASONS, SELL, BarBatch, Quarantine, SymbolTable, TradeBatch
 
 __all__ = ["FORMATS", "TIME_UNITS", "BinanceCapture", "Replayer", "infer_time_unit",
            "read_binance_capture", "read_trades"]
@@ -48,6 +48,10 @@ TIME_UNITS: dict[str, int] = {"s": NS, "ms": 1_000_000, "us": 1_000, "ns": 1}
 
 REQUIRED = ("time", "symbol", "price", "size")
 OPTIONAL = ("trade_id", "side", "recv_time")
+#: Columns of ready-made OHLCV bar files (``--bars TF``), and other names they go by.
+BAR_REQUIRED = ("time", "symbol", "open", "high", "low", "close", "volume")
+BAR_OPTIONAL = ("trades", "vwap")
+ALIASES = {"time": ("date", "timestamp", "datetime"), "symbol": ("name", "ticker")}
 _EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "binance"}
 _CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
@@ -116,16 +120,21 @@ def _check_time_unit(time_unit: str | None) -> str | None:
     return unit
 
 
-def _columns(p: Path, have: Sequence[str]) -> dict[str, str]:
-    """Map the trade column names to the file's own names; name what is missing."""
+def _columns(p: Path, have: Sequence[str], bars: bool = False) -> dict[str, str]:
+    """Map the trade (or bar) column names to the file's own names; name what is missing."""
+    required, optional = (BAR_REQUIRED, BAR_OPTIONAL) if bars else (REQUIRED, OPTIONAL)
     lookup = {h.strip().lower(): h for h in have}
-    missing = [c for c in REQUIRED if c not in lookup]
+    for name, others in ALIASES.items():
+        for other in others:
+            if name not in lookup and other in lookup:
+                lookup[name] = lookup[other]
+    missing = [c for c in required if c not in lookup]
     if missing:
         listed = ", ".join(h.strip() for h in have) or "none"
         cols = ", ".join(repr(c) for c in missing)
         raise FeedError(f"{p.name}: missing column{'s' if len(missing) > 1 else ''} {cols} "
                         f"(have: {listed})")
-    return {c: lookup[c] for c in REQUIRED + OPTIONAL if c in lookup}
+    return {c: lookup[c] for c in required + optional if c in lookup}
 
 
 # --------------------------------------------------------------------------- column parsing
@@ -326,6 +335,45 @@ class _ChunkParser:
         return batch.take(~bad), quarantine
 
 
+class _BarChunkParser(_ChunkParser):
+    """Parse tabular chunks of ready-made OHLCV bars into a :class:`BarBatch` and quarantine."""
+
+    def __call__(self, chunk: pa.RecordBatch) -> tuple[BarBatch, Quarantine]:
+        """Parse one chunk whose rows look like (the S&P 500 daily file)::
+
+            date,open,high,low,close,volume,Name
+            2017-10-16,67.2,67.37,66.77,66.91,1473459,A
+        """
+        col = {c: chunk.column(chunk.schema.get_field_index(n)) for c, n in self.names.items()}
+        n = chunk.num_rows
+        missing = np.zeros(n, dtype=bool)
+        for c in BAR_REQUIRED:
+            missing |= _missing(col[c])
+        t, bad_time = self.time(col["time"])
+        sym, no_sym = _symbol_codes(col["symbol"], self.symbols)
+        values, bad_number = {}, np.zeros(n, dtype=bool)
+        for c in ("open", "high", "low", "close", "volume"):
+            values[c], bad = _floats(col[c])
+            bad_number |= bad
+        trades = _ints(col["trades"])[0] if "trades" in col else np.zeros(n, dtype=np.int64)
+        vwap = _floats(col["vwap"])[0] if "vwap" in col else np.full(n, np.nan)
+        reason = np.full(n, -1, dtype=np.int8)
+        for mask, name in ((bad_number, "non_finite_price"), (bad_time, "bad_time"),
+                           (missing | no_sym, "missing_field")):
+            reason[mask] = REASONS.index(name)
+        batch = BarBatch(t, sym, values["open"], values["high"], values["low"], values["close"],
+                         values["volume"], trades, vwap)
+        bad = reason >= 0
+        if not bad.any():
+            return batch, Quarantine()
+        idx = np.flatnonzero(bad)
+        raw = [",".join("" if v is None else str(v) for v in row.values())
+               for row in chunk.take(pa.array(idx)).to_pylist()]
+        quarantine = Quarantine(t[idx], sym[idx], values["close"][idx], values["volume"][idx],
+                                np.full(len(idx), NO_ID, np.int64), reason[idx], raw)
+        return batch.take(~bad), quarantine
+
+
 # --------------------------------------------------------------------------- CSV and Parquet
 
 def _slices(chunk: pa.RecordBatch, rows: int) -> Iterator[pa.RecordBatch]:
@@ -343,13 +391,13 @@ def _csv_header(p: Path) -> list[str]:
     return next(csv.reader([first]))
 
 
-def _iter_csv(p: Path, symbols: SymbolTable, time_unit: str | None, batch_rows: int
-              ) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
-    return _csv_chunks(p, _columns(p, _csv_header(p)), symbols, time_unit, batch_rows)
+def _iter_csv(p: Path, symbols: SymbolTable, time_unit: str | None, batch_rows: int,
+              bars: bool = False) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
+    return _csv_chunks(p, _columns(p, _csv_header(p), bars), symbols, time_unit, batch_rows, bars)
 
 
 def _csv_chunks(p: Path, names: dict[str, str], symbols: SymbolTable, time_unit: str | None,
-                batch_rows: int) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
+                batch_rows: int, bars: bool = False) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
     invalid: list[str] = []
 
     def on_invalid(row) -> str:
@@ -369,7 +417,7 @@ def _csv_chunks(p: Path, names: dict[str, str], symbols: SymbolTable, time_unit:
                 column_types={n: pa.string() for n in names.values()},
                 strings_can_be_null=False, quoted_strings_can_be_null=False),
         )
-        parse = _ChunkParser(names, symbols, time_unit)
+        parse = (_BarChunkParser if bars else _ChunkParser)(names, symbols, time_unit)
         while True:
             try:
                 chunk = reader.read_next_batch()
@@ -396,20 +444,20 @@ def _open_parquet(p: Path) -> pq.ParquetFile:
         raise FeedError(f"{p.name}: not a readable Parquet file ({exc})") from None
 
 
-def _iter_parquet(p: Path, symbols: SymbolTable, time_unit: str | None, batch_rows: int
-                  ) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
+def _iter_parquet(p: Path, symbols: SymbolTable, time_unit: str | None, batch_rows: int,
+                  bars: bool = False) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
     schema = _open_parquet(p).schema_arrow
-    names = _columns(p, schema.names)
+    names = _columns(p, schema.names, bars)
     as_dict = [names["symbol"]] if pa.types.is_string(schema.field(names["symbol"]).type) else None
     return _parquet_chunks(p, pq.ParquetFile(str(p), read_dictionary=as_dict), names, symbols,
-                           time_unit, batch_rows)
+                           time_unit, batch_rows, bars)
 
 
 def _parquet_chunks(p: Path, pf: pq.ParquetFile, names: dict[str, str], symbols: SymbolTable,
-                    time_unit: str | None, batch_rows: int
+                    time_unit: str | None, batch_rows: int, bars: bool = False
                     ) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
     total_rows, total_bytes = max(pf.metadata.num_rows, 1), p.stat().st_size
-    parse = _ChunkParser(names, symbols, time_unit)
+    parse = (_BarChunkParser if bars else _ChunkParser)(names, symbols, time_unit)
     done = 0
     try:
         for chunk in pf.iter_batches(batch_size=batch_rows, columns=list(names.values())):
@@ -635,17 +683,19 @@ def read_binance_capture(path: str | os.PathLike, symbols: SymbolTable) -> Binan
 # --------------------------------------------------------------------------- public readers
 
 def _iter_file(path: str | os.PathLike, symbols: SymbolTable, format: str | None,
-               time_unit: str | None, batch_rows: int, ignored: Counter
+               time_unit: str | None, batch_rows: int, ignored: Counter, bars: bool = False
                ) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
     p = _check_path(path)
     fmt = _resolve_format(p, format)
+    if bars and fmt == "binance":
+        raise FeedError(f"{p.name}: Binance captures hold trades, not bars; drop --bars")
     unit = _check_time_unit(time_unit)
     if batch_rows < 1:
         raise FeedError(f"batch_rows must be at least 1, got {batch_rows}")
     if fmt == "csv":
-        return _iter_csv(p, symbols, unit, batch_rows)
+        return _iter_csv(p, symbols, unit, batch_rows, bars)
     if fmt == "parquet":
-        return _iter_parquet(p, symbols, unit, batch_rows)
+        return _iter_parquet(p, symbols, unit, batch_rows, bars)
     if _codec(p):
         raise FeedError(f"{p.name}: compressed Binance captures are not supported; unpack it")
     return _iter_binance(p, symbols, batch_rows, ignored)
@@ -698,6 +748,8 @@ class Replayer:
     paths : one file or several, replayed in order.
     symbols : the flow's symbol table.
     format, time_unit : as for :func:`read_trades`, applied to every file.
+    bars : the files hold ready-made OHLCV bars (batches are :class:`BarBatch`) rather than
+        trades.
     speed : None for as fast as possible, else a factor of real time (2.0 = twice as fast).
         When paced, batches are cut into event-time windows of ``0.1 s * speed`` (about ten
         batches per wall-clock second) and each is released when the wall clock reaches
@@ -720,6 +772,7 @@ class Replayer:
         time_unit: str | None = None,
         speed: float | None = None,
         batch_rows: int = 100_000,
+        bars: bool = False,
         clock: Callable[[], int] = _time.monotonic_ns,
         sleep: Callable[[float], None] = _time.sleep,
     ):
@@ -728,8 +781,9 @@ class Replayer:
         self.paths = [_check_path(p) for p in paths]
         if not self.paths:
             raise FeedError("replay: no file given")
+        self.bars = bars
         for p in self.paths:  # fail on a bad file before replaying the good ones
-            _iter_file(p, symbols, format, time_unit, batch_rows, Counter()).close()
+            _iter_file(p, symbols, format, time_unit, batch_rows, Counter(), bars).close()
         if speed is not None and not (speed > 0 and math.isfinite(speed)):
             raise FeedError(f"replay: speed must be a positive number or max, got {speed}")
         self.symbols, self.format, self.speed = symbols, format, speed
@@ -752,7 +806,7 @@ class Replayer:
         paced = _Pacer(self.speed, self._clock, self._sleep) if self.speed else None
         for p in self.paths:
             parts = _iter_file(p, self.symbols, self.format, self.time_unit, self.batch_rows,
-                               self.ignored)
+                               self.ignored, self.bars)
             for batch, quarantine, pos in parts:
                 self.rows_read += len(batch) + len(quarantine)
                 self.bytes_read = done + pos
