@@ -185,6 +185,33 @@ def _fold_highs_lows(stop, has, high, low, base_hi, base_lo, base_cnt):
 
 
 @numba.njit(cache=True)
+def _sector_sums(close, ref, has, volume, codes, sums, counts):
+    """Per row and sector: sums of return, return x dollar volume, dollar volume, volume; and
+    counts of members with a return, advancers, decliners, unchanged."""
+    for r in range(close.shape[0]):
+        for s in range(close.shape[1]):
+            if not has[r, s]:
+                continue
+            k = codes[s]
+            sums[3, r, k] += volume[r, s]
+            c, p = close[r, s], ref[r, s]
+            if p != p:  # no previous session close
+                continue
+            x = c / p - 1.0
+            dollars = c * volume[r, s]
+            sums[0, r, k] += x
+            sums[1, r, k] += x * dollars
+            sums[2, r, k] += dollars
+            counts[0, r, k] += 1
+            if c > p:
+                counts[1, r, k] += 1
+            elif c < p:
+                counts[2, r, k] += 1
+            else:
+                counts[3, r, k] += 1
+
+
+@numba.njit(cache=True)
 def _running(net, issues, ad0, fast0, slow0, a_fast, a_slow, ad, fast, slow):
     """A/D line and the two EMAs of net advances, continuing from ``ad0, fast0, slow0``."""
     a, f, w = ad0, fast0, slow0
@@ -391,25 +418,24 @@ class BreadthEngine:
         self._compute_sectors(start)
 
     def _compute_sectors(self, start: int) -> None:
-        R, S, k = self._n, self._n_sym, len(self.sector_names)
-        if self._sec["return"].shape[1] < k:
-            self._sec = {n: _grow(v, v.shape[0], k, 0) for n, v in self._sec.items()}
-        onehot = np.zeros((S, k))
-        onehot[np.arange(S), self._codes(S)] = 1.0
-        close, ref, has, vol = (self._cells[n][start:R, :S] for n in ("close", "ref", "has", "volume"))
-        counted = has & ~np.isnan(ref)
-        ret = np.where(counted, close / ref - 1.0, 0.0)
-        dollars = np.where(counted, close * vol, 0.0)
-        members = counted @ onehot
-        weight = dollars @ onehot
+        R, S = self._n, self._n_sym
+        codes = self._codes(S)  # may add "Unknown"
+        k = len(self.sector_names)
+        if self._sec["return"].shape[1] < k:  # a new sector has no members in the earlier rows
+            self._sec = {n: _grow(v, v.shape[0], k, np.nan if n.startswith("return") else 0)
+                         for n, v in self._sec.items()}
+        sums = np.zeros((4, R - start, k))
+        counts = np.zeros((4, R - start, k), dtype=np.int64)
+        _sector_sums(*(self._cells[n][start:R, :S] for n in ("close", "ref", "has", "volume")), codes,
+                     sums, counts)
+        ret_sum, wret_sum, weight, volume = sums
+        members, adv, dec, unch = counts
         sec = {n: v[start:R, :k] for n, v in self._sec.items()}
         with np.errstate(invalid="ignore", divide="ignore"):
-            sec["return"][:] = np.where(members > 0, (ret @ onehot) / members, np.nan)
-            sec["return_vw"][:] = np.where(weight > 0, ((ret * dollars) @ onehot) / weight, np.nan)
-        sec["advancers"][:] = (close > ref) @ onehot
-        sec["decliners"][:] = (close < ref) @ onehot
-        sec["unchanged"][:] = (close == ref) @ onehot
-        sec["volume"][:] = vol @ onehot
+            sec["return"][:] = np.where(members > 0, ret_sum / members, np.nan)
+            sec["return_vw"][:] = np.where(weight > 0, wret_sum / weight, np.nan)
+        sec["advancers"][:], sec["decliners"][:], sec["unchanged"][:] = adv, dec, unch
+        sec["volume"][:] = volume
 
     def take_changed(self) -> int | None:
         """Return the earliest bar time whose figures changed since the last call, and reset it."""

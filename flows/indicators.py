@@ -110,7 +110,7 @@ class IndicatorConfig:
         ip = np.array([ns, ne, self.rsi, *self.macd, self.bbands[0], *self.stoch, self.atr,
                        self.adx, self.volume_sma, *self.sma, *self.ema], dtype=np.int64)
         fp = np.array([float(self.bbands[1])], dtype=np.float64)
-        width = 1 + ns + ne + 22
+        width = 1 + ns + ne + len(_TAIL)
         longest = max(*self.sma, self.bbands[0], self.volume_sma, *self.stoch, 2)
         ring = 1 << int(np.ceil(np.log2(longest + self.max_rewind + 1)))
         return ip, fp, width, ring
@@ -121,9 +121,9 @@ class IndicatorConfig:
 # Outputs per row: [smas..., emas..., rsi, macd, signal, hist, bbu, bbm, bbl, k, d, atr, adx,
 # vsma, vwap]. The arithmetic copies TA-Lib's C code operation by operation.
 
-_TAIL = ("vol_tot", "bb_tot", "bb_tot2", "macd_fast", "macd_slow", "macd_signal", "rsi_gain",
-         "rsi_loss", "atr", "adx_pdm", "adx_mdm", "adx_tr", "adx", "stoch_ktot", "stoch_dtot",
-         "session", "session_pv", "session_v", "spare0", "spare1", "spare2", "spare3")
+_TAIL = ("vol_tot", "bb_tot", "macd_fast", "macd_slow", "macd_signal", "rsi_gain", "rsi_loss",
+         "atr", "adx_pdm", "adx_mdm", "adx_tr", "adx", "stoch_ktot", "stoch_dtot", "session",
+         "session_pv", "session_v")
 
 
 @numba.njit(inline="always")
@@ -202,7 +202,7 @@ def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, vol
                     st[o] = (st[o] + c) / p if n == p - 1 else (c - st[o]) * (2.0 / (p + 1)) + st[o]
                     out[ns + i, r, s] = st[o]
             # RSI (Wilder)
-            gain, loss = t0 + 6, t0 + 7
+            gain, loss = t0 + 5, t0 + 6
             rsi = np.nan
             if n > 0:
                 d = c - pc
@@ -220,7 +220,7 @@ def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, vol
                     rsi = 0.0 if _is_zero(t) else 100.0 * (st[gain] / t)
             out[ko, r, s] = rsi
             # MACD: slow EMA from the start, fast EMA seeded at slow - 1, signal EMA of the line
-            fa, sl, sg = t0 + 3, t0 + 4, t0 + 5
+            fa, sl, sg = t0 + 2, t0 + 3, t0 + 4
             line, sig = np.nan, np.nan
             if n >= msl - mf:
                 st[fa] = st[fa] + c if n < msl - 1 else ((st[fa] + c) / mf if n == msl - 1 else (c - st[fa]) * (2.0 / (mf + 1)) + st[fa])
@@ -236,18 +236,19 @@ def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, vol
             out[ko + 1, r, s] = line
             out[ko + 2, r, s] = sig
             out[ko + 3, r, s] = line - sig
-            # Bollinger bands (population standard deviation, as TA-Lib)
+            # Bollinger bands: population deviation around the SMA, two-pass over the ring
+            # (TA-Lib 0.8 agrees to ~1e-12; a running sum of squares would drift)
             mid = _window_sum(st, t0 + 1, c, n, pbb, ring, _C, mask, out, ko + 5, r, s)
             if n < pbb - 1:
-                st[t0 + 2] += c * c
                 out[ko + 4, r, s] = np.nan
                 out[ko + 6, r, s] = np.nan
             else:
-                old = ring[_C, (n - pbb + 1) & mask]
-                t = st[t0 + 2] + c * c
-                st[t0 + 2] = t - old * old
-                var = t / pbb - mid * mid
-                dev = (np.sqrt(var) if var >= 1e-8 else 0.0) * nbdev
+                var = 0.0
+                for q in range(n - pbb + 1, n):
+                    d = ring[_C, q & mask] - mid
+                    var += d * d
+                var = (var + (c - mid) * (c - mid)) / pbb
+                dev = np.sqrt(var) * nbdev
                 out[ko + 4, r, s] = mid + dev
                 out[ko + 6, r, s] = mid - dev
             # Stochastic: fast %K over the ring, then two simple smoothings
@@ -263,17 +264,17 @@ def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, vol
                 fk = (c - ll) / diff if diff != 0.0 else 0.0
                 q = n - (kf - 1)
                 if q < ks - 1:
-                    st[t0 + 13] += fk
+                    st[t0 + 12] += fk
                 else:
-                    t = st[t0 + 13] + fk
-                    st[t0 + 13] = t - ring[_FK, (n - ks + 1) & mask]
+                    t = st[t0 + 12] + fk
+                    st[t0 + 12] = t - ring[_FK, (n - ks + 1) & mask]
                     sk = t / ks
                     q -= ks - 1
                     if q < kd - 1:
-                        st[t0 + 14] += sk
+                        st[t0 + 13] += sk
                     else:
-                        t = st[t0 + 14] + sk
-                        st[t0 + 14] = t - ring[_SK, (n - kd + 1) & mask]
+                        t = st[t0 + 13] + sk
+                        st[t0 + 13] = t - ring[_SK, (n - kd + 1) & mask]
                         sdv = t / kd
             out[ko + 7, r, s] = sk if sdv == sdv else np.nan
             out[ko + 8, r, s] = sdv
@@ -282,16 +283,16 @@ def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, vol
             if n > 0:
                 tr = _true_range(h, lo, pc)
                 if n < patr:
-                    st[t0 + 8] += tr
+                    st[t0 + 7] += tr
                 else:
-                    st[t0 + 8] = (st[t0 + 8] + tr) / patr if n == patr else (st[t0 + 8] * (patr - 1) + tr) / patr
-                    atr = st[t0 + 8]
+                    st[t0 + 7] = (st[t0 + 7] + tr) / patr if n == patr else (st[t0 + 7] * (patr - 1) + tr) / patr
+                    atr = st[t0 + 7]
             out[ko + 9, r, s] = atr
             # ADX: Wilder-smoothed DM and TR, DX summed over the second period, then smoothed
             adx = np.nan
             if n > 0:
                 dp, dm = h - ph, pl - lo
-                pdm, mdm, atr_, ax = t0 + 9, t0 + 10, t0 + 11, t0 + 12
+                pdm, mdm, atr_, ax = t0 + 8, t0 + 9, t0 + 10, t0 + 11
                 if n >= padx:
                     st[mdm] -= st[mdm] / padx
                     st[pdm] -= st[pdm] / padx
@@ -322,13 +323,13 @@ def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, vol
             out[ko + 10, r, s] = adx
             _window_sum(st, t0, v, n, pvol, ring, _V, mask, out, ko + 11, r, s)
             # Session VWAP
-            if st[t0 + 15] != session[j]:
-                st[t0 + 15] = session[j]
+            if st[t0 + 14] != session[j]:
+                st[t0 + 14] = session[j]
+                st[t0 + 15] = 0.0
                 st[t0 + 16] = 0.0
-                st[t0 + 17] = 0.0
-            st[t0 + 16] += vwap[j, s] * v
-            st[t0 + 17] += v
-            out[ko + 12, r, s] = st[t0 + 16] / st[t0 + 17]
+            st[t0 + 15] += vwap[j, s] * v
+            st[t0 + 16] += v
+            out[ko + 12, r, s] = st[t0 + 15] / st[t0 + 16]
             st[0] = n + 1
             if commit:
                 ring[_C, cur] = c
