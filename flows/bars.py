@@ -501,6 +501,34 @@ class BarEngine:
             frame.dirty_from = int(times[0]) if len(times) else _NONE
         self.version += 1
 
+    def preload(self, tf: str, times: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """Put stored bars older than the in-memory rows back in front of them (after a restart).
+
+        They are final (older than the window), so they carry no order keys and are not marked
+        changed; they only give the rolling datasets their history back.
+        """
+        frame = self.frames[tf]
+        if frame.n:
+            keep = times < frame.times[0]
+            times, values = times[keep], {k: v[keep] for k, v in values.items()}
+        room = max(self.config.history - frame.n, 0)
+        times, values = times[len(times) - room:], {k: v[len(v) - room:] for k, v in values.items()}
+        m, n_sym = len(times), values["close"].shape[1]
+        if m == 0:
+            return
+        frame._reserve(frame.n + m, n_sym)
+        frame.f[:, m : m + frame.n] = frame.f[:, : frame.n].copy()
+        frame.k[:, m : m + frame.n] = frame.k[:, : frame.n].copy()
+        frame.times[m : m + frame.n] = frame.times[: frame.n].copy()
+        f, k = _empty_state(m, frame.f.shape[2])
+        for i, name in enumerate(("open", "high", "low", "close", "volume")):
+            f[i, :, :n_sym] = values[name]
+        f[5, :, :n_sym] = np.where(values["trades"] > 0, values["vwap"] * values["volume"], 0.0)
+        k[0, :, :n_sym] = values["trades"]
+        frame.f[:, :m], frame.k[:, :m], frame.times[:m] = f, k, times
+        frame.n += m
+        self.version += 1
+
 
 def make_bars_dataset(times: np.ndarray, symbols, values: dict[str, np.ndarray]) -> xr.Dataset:
     """Build a bars Dataset (dims time x symbol) in the store contract's layout."""

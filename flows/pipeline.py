@@ -106,6 +106,13 @@ class Flow:
             self.validator.deduper.restore({"hwm": arrays["dedupe/hwm"], "keys": arrays["dedupe/keys"]})
             self.validator.counters = Counters.from_dict(meta["counters"])
             self.positions = {k: int(v) for k, v in meta.get("positions", {}).items()}
+        if self.store is not None:  # give the rolling datasets their history back
+            stored = self.store.stored_symbols()
+            if tuple(stored) == self.table.names[: len(stored)]:
+                for tf in self.engine.frames:
+                    tail = self.store.read_tail(tf, self.config.history)
+                    if tail is not None:
+                        self.engine.preload(tf, *tail)
         self.resumed = checkpoint is not None
         self.recent_quarantine: deque = deque(maxlen=10_000)
         self._pending_quarantine: list[Quarantine] = []

@@ -270,6 +270,15 @@ class BarStore:
             self._symbols[tf] = all_names
             self._times[tf] = np.concatenate([stored[:start], times])
 
+    def read_tail(self, tf: str, rows: int) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+        """Return the last ``rows`` stored bars of ``tf`` (times, fields in stored symbol order)."""
+        times = self._times.get(tf)
+        if times is None or len(times) == 0:
+            return None
+        start = max(len(times) - rows, 0)
+        g = zarr.open_group(str(self.path / "bars" / tf), mode="r", use_consolidated=False)
+        return times[start:], {name: np.asarray(g[name][start:]) for name in BAR_FIELDS}
+
     def write_symbol_meta(self) -> None:
         """Record symbol metadata (sector, name, exchange) in the root attributes."""
         meta = {n: self.symbols.meta.get(n, {}) for n in self.symbols.names}

@@ -150,3 +150,20 @@ def test_reader_process_never_fails_during_writes(tmp_path):
     assert reader.returncode == 0, err[-2000:]
     assert int(out) > 20
     assert open_bars(path, "1m").sizes["time"] in (50, 51)  # 3000 s from :20 past the minute
+
+
+def test_restart_gives_the_rolling_window_its_history_back(tmp_path):
+    df = adversarial_trades(seed=8, n=3000)
+    first = make_flow(tmp_path / "h.zarr", history=100)
+    push_frame(first, df, list(range(0, len(df), 200)), flush_every=1)
+    first.close()
+    stored = dataset_to_frame(open_bars(tmp_path / "h.zarr", "1m").load())
+    want = first.engine.dataset("1m", last=100)
+    second = make_flow(tmp_path / "h.zarr", history=100)
+    got = second.engine.dataset("1m")
+    # The last `history` bars, as before the stop (restored window + preloaded older rows).
+    assert got.sizes["time"] == 100
+    assert_bars_equal(dataset_to_frame(got), dataset_to_frame(want))
+    second.close()
+    # A restart that receives nothing leaves the store as it was.
+    assert_bars_equal(dataset_to_frame(open_bars(tmp_path / "h.zarr", "1m").load()), stored)
