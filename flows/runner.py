@@ -183,7 +183,7 @@ def bar_counts(flow: Flow) -> dict[str, tuple[int, int]]:
     """Per timeframe: (bar times, non-empty bars) in the store, or in memory without a store."""
     out = {}
     for tf in flow.engine.frames:
-        if flow.store is not None and tf in flow.store._times:
+        if flow.store is not None and len(flow.store.stored_times(f"bars/{tf}")):
             g = flow.store.root[f"bars/{tf}"]
             trades = g["trades"][:]
             out[tf] = (trades.shape[0], int(np.count_nonzero(trades)))

@@ -77,7 +77,80 @@ def _patch_chunks(array_dir: Path, block: np.ndarray, row0: int, dtype: str) -> 
     and only within the array's current shape.
     """
     ct, cs = CHUNK_TIME, CHUNK_SYMBOLS
-    fill = _FILL.get(array_dir.name, np.nan)
+    fill = _fill(array_dir.name, dtype)
+    rows = np.arange(row0, row0 + len(block))
+    for ci in range(row0 // ct, (rows[-1] // ct) + 1):
+        r0, r1 = max(row0, ci * ct), min(row0 + len(block), (ci + 1) * ct)
+        for cj in range((block.shape[1] - 1) // cs + 1):
+            path = array_dir / f"c.{ci}.{cj}"
+            try:
+                chunk = np.frombuffer(_BLOSC.decode(path.read_bytes()), dtype="<" + np.dtype(dtype).str[1:])
+                chunk = chunk.reshape(ct, cs).copy()
+            except FileNotFoundError:
+                chunk = np.full((ct, cs), fill, dtype=dtype)
+            part = block[r0 - row0 : r1 - row0, cj * cs : (cj + 1) * cs]
+            chunk[r0 - ci * ct : r1 - ci * ct, : part.shape[1]] = part
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(_BLOSC.encode(np.ascontiguousarray(chunk, dtype="<" + np.dtype(dtype).str[1:])))
+            os.replace(tmp, path)
+
+
+def writer_dir(path: str | os.PathLike) -> Path:
+    """The folder beside a store that holds its writer's lock and checkpoint."""
+    path = Path(path)
+    return path.with_name(path.name + ".writer")
+
+
+class StoreError(Exception):
+    """A store problem a user can act on (one line)."""
+
+
+class StoreLockedError(StoreError):
+    """Another process is writing the store."""
+
+
+def _fill(name: str, dtype: np.dtype):
+    """Value of a row where nothing happened: 0 for counts and volumes, False, else NaN."""
+    dtype = np.dtype(dtype)
+    if name in _FILL:
+        return _FILL[name]
+    return False if dtype == bool else 0 if dtype.kind in "iu" else np.nan
+
+
+def rows_encoding(ds: xr.Dataset) -> dict:
+    """Return the Zarr encoding of a time-indexed group: integer time, chunking, fill values.
+
+    Chunk keys use "." (``c.0.0``) so a 2-D chunk is one file; blosc/lz4 with byte shuffle keeps
+    a flush's re-encoding of its tail chunks cheap.
+    """
+    flat = {"name": "default", "separator": "."}
+    enc = {"time": {"dtype": "int64", "units": TIME_UNITS, "calendar": "proleptic_gregorian",
+                    "chunks": (CHUNK_TIME,), "chunk_key_encoding": flat}}
+    for name, var in ds.data_vars.items():
+        chunks = (CHUNK_TIME, CHUNK_SYMBOLS) if var.ndim == 2 else (CHUNK_TIME,)
+        enc[name] = {"chunks": chunks, "chunk_key_encoding": flat,
+                     "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]}
+        fill = _fill(name, var.dtype)
+        if not (isinstance(fill, float) and np.isnan(fill)):  # no NaN masking of real zeros
+            enc[name]["fill_value"] = fill
+            enc[name]["_FillValue"] = None
+    return enc
+
+
+bars_encoding = rows_encoding
+
+
+_BLOSC = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE)
+
+
+def _patch_chunks(array_dir: Path, block: np.ndarray, row0: int, dtype: str) -> None:
+    """Overwrite rows ``row0:row0+len(block)`` of a 2-D bars array by rewriting its chunk files.
+
+    Only for arrays made by :func:`bars_encoding` ("."-separated keys, bytes + blosc codecs),
+    and only within the array's current shape.
+    """
+    ct, cs = CHUNK_TIME, CHUNK_SYMBOLS
+    fill = _fill(array_dir.name, dtype)
     rows = np.arange(row0, row0 + len(block))
     for ci in range(row0 // ct, (rows[-1] // ct) + 1):
         r0, r1 = max(row0, ci * ct), min(row0 + len(block), (ci + 1) * ct)
@@ -172,17 +245,25 @@ class BarStore:
             self.close()
             raise StoreError(f"{self.path} is not a tapeflow Zarr store ({exc})") from None
         self.root.require_group("bars")
+        #: per group written with :meth:`write_rows`: stored row times and second-dim labels
         self._times: dict[str, np.ndarray] = {}
-        self._symbols: dict[str, list[str]] = {}
-        for tf in timeframes:
-            key = f"bars/{tf}"
-            if key in self.root:
-                g = self.root[key]
-                self._times[tf] = np.asarray(g["time"][:], dtype=np.int64)
-                self._symbols[tf] = [str(s) for s in g["symbol"][:]]
+        self._labels: dict[str, list[str]] = {}
+        for key in self._row_groups():
+            g = self.root[key]
+            self._times[key] = np.asarray(g["time"][:], dtype=np.int64)
+            dims = {d for _, a in g.arrays() for d in (a.metadata.dimension_names or ()) if d != "time"}
+            self._labels[key] = [str(s) for s in g[dims.pop()][:]] if dims else []
         self.flushes = 0
         self._unpublished = True
         self.last_flush_ns = 0
+
+    def _row_groups(self) -> list[str]:
+        """Existing groups of rows keyed by time (bars, indicators, breadth, sectors)."""
+        out = []
+        for family in ("bars", "indicators", "breadth", "sectors", "quality"):
+            if family in self.root:
+                out += [f"{family}/{tf}" for tf in TIMEFRAMES if tf in self.root[family]]
+        return out
 
     def publish(self) -> None:
         """Publish the store's current shapes to readers in one atomic metadata write.
@@ -199,80 +280,103 @@ class BarStore:
     # -- bars -------------------------------------------------------------------------------
 
     def stored_symbols(self) -> list[str]:
-        """Symbols stored in the 1m bars (the store's symbol order)."""
-        return list(self._symbols.get("1m", []))
+        """Symbols stored in the bars (the store's symbol order)."""
+        for tf in TIMEFRAMES:
+            if f"bars/{tf}" in self._labels:
+                return list(self._labels[f"bars/{tf}"])
+        return []
 
-    def stored_times(self, tf: str) -> np.ndarray:
-        """Bar times stored for ``tf`` (cached; the writer is the only one changing them)."""
-        return self._times.get(tf, np.empty(0, dtype=np.int64))
+    def stored_times(self, key: str) -> np.ndarray:
+        """Row times stored in group ``key`` (cached; the writer is the only one changing them)."""
+        return self._times.get(key, np.empty(0, dtype=np.int64))
 
-    def write_bars(self, tf: str, changes: xr.Dataset) -> None:
+    def write_bars(self, tf: str, changes: xr.Dataset | None) -> None:
         """Replace the stored bars from ``changes``' first time onwards with ``changes``.
 
         ``changes`` holds every in-memory bar from the earliest changed one to the newest, so
         amended bars are rewritten in place and new ones appended; rows are never duplicated.
         """
+        self.write_rows(f"bars/{tf}", changes)
+
+    def write_rows(self, key: str, changes: xr.Dataset | None) -> None:
+        """Replace the rows of group ``key`` from ``changes``' first time onwards.
+
+        ``changes`` has dim ``time`` and at most one other dim (``symbol``, ``sector``) whose
+        labels may grow; any group written this way (bars, indicators, breadth, sectors) gets
+        the same in-place amend and append semantics.
+        """
         if changes is None or changes.sizes["time"] == 0:
             return
         with self._mutex:
-            times = changes["time"].values.view("int64")
-            names = [str(s) for s in changes["symbol"].values]
-            key = f"bars/{tf}"
-            if tf not in self._times:
-                changes.to_zarr(str(self.path), group=key, mode="w", zarr_format=3,
-                                consolidated=False, encoding=bars_encoding(changes))
-                self._unpublished = True
-                self._times[tf] = times.copy()
-                self._symbols[tf] = names
-                return
-            stored_names = self._symbols[tf]
-            if names[: len(stored_names)] == stored_names:  # the usual case: same order, maybe more
-                new_names = names[len(stored_names):]
-                order = np.arange(len(names))
+            self._write_rows(key, changes)
+
+    def _write_rows(self, key: str, changes: xr.Dataset) -> None:
+        times = changes["time"].values.view("int64")
+        other = [d for d in changes.dims if d != "time"]
+        dim = other[0] if other else None
+        names = [str(s) for s in changes[dim].values] if dim else []
+        if key not in self._times:
+            changes.to_zarr(str(self.path), group=key, mode="w", zarr_format=3,
+                            consolidated=False, encoding=rows_encoding(changes))
+            self._unpublished = True
+            self._times[key] = times.copy()
+            self._labels[key] = names
+            return
+        stored_names = self._labels[key]
+        if names[: len(stored_names)] == stored_names:  # the usual case: same order, maybe more
+            new_names = names[len(stored_names):]
+            order = np.arange(len(names))
+        else:
+            known = set(stored_names)
+            new_names = [n for n in names if n not in known]
+            col = {n: i for i, n in enumerate(stored_names + new_names)}
+            order = np.array([col[n] for n in names], dtype=np.int64)
+        all_names = stored_names + new_names
+        stored = self._times[key]
+        start = int(np.searchsorted(stored, times[0]))
+        length = start + len(times)
+        width = len(all_names)
+        identity = len(order) == width and (order == np.arange(width)).all()
+        missing = np.setdiff1d(np.arange(len(stored_names)), order)
+        old_rows = min(len(stored), length) - start
+        writes: list[tuple[str, tuple, tuple, np.ndarray]] = []
+        for name, var in changes.data_vars.items():
+            values = var.values
+            if var.ndim == 1:
+                writes.append((name, (length,), (slice(start, length),), values))
+                continue
+            if identity:
+                block = values
             else:
-                known = set(stored_names)
-                new_names = [n for n in names if n not in known]
-                col = {n: i for i, n in enumerate(stored_names + new_names)}
-                order = np.array([col[n] for n in names], dtype=np.int64)
-            all_names = stored_names + new_names
-            stored = self._times[tf]
-            start = int(np.searchsorted(stored, times[0]))
-            length = start + len(times)
-            n_sym = len(all_names)
-            writes: list[tuple[str, tuple, tuple, np.ndarray]] = []
-            missing = np.setdiff1d(np.arange(len(stored_names)), order)
-            old_rows = min(len(stored), length) - start
-            for name, dtype in BAR_FIELDS.items():
-                values = changes[name].values
-                if len(order) == n_sym and (order == np.arange(n_sym)).all():
-                    block = values
-                else:
-                    block = np.full((len(times), n_sym), _FILL.get(name, np.nan), dtype=dtype)
-                    block[:, order] = values
-                    if len(missing) and old_rows > 0:  # columns not in changes keep stored values
-                        old = zarr.open_array(str(self.path / key / name), mode="r")[start : start + old_rows]
-                        block[:old_rows, missing] = old[:, missing]
-                writes.append((name, (length, n_sym), (slice(start, length), slice(None)), block))
-            if new_names:
-                writes.append(("symbol", (n_sym,), (slice(len(stored_names), None),),
-                               np.array(new_names, dtype=object)))
-            writes.append(("time", (length,), (slice(start, length),), times))
-            if length == len(stored) and not new_names and (times == stored[start:]).all():
-                # Same shapes, same times: only bar values change (the forming bars). Patch the
-                # chunk files directly (zarr's per-call overhead is ~2 ms an array); each file is
-                # replaced atomically and the published shapes stay valid.
-                for name, _, selection, block in writes:
-                    if name != "time":
-                        _patch_chunks(self.path / key / name, block, selection[0].start, BAR_FIELDS[name])
-            else:
-                zsync(_write_arrays(str(self.path / key), writes))
-                self._unpublished = True
-            self._symbols[tf] = all_names
-            self._times[tf] = np.concatenate([stored[:start], times])
+                block = np.full((len(times), width), _fill(name, values.dtype), dtype=values.dtype)
+                block[:, order] = values
+                if len(missing) and old_rows > 0:  # columns not in changes keep stored values
+                    old = zarr.open_array(str(self.path / key / name), mode="r")[start : start + old_rows]
+                    block[:old_rows, missing] = old[:, missing]
+            writes.append((name, (length, width), (slice(start, length), slice(None)), block))
+        if new_names:
+            writes.append((dim, (width,), (slice(len(stored_names), None),),
+                           np.array(new_names, dtype=object)))
+        writes.append(("time", (length,), (slice(start, length),), times))
+        if length == len(stored) and not new_names and (times == stored[start:]).all():
+            # Same shapes, same times: only values change (the forming bars). Patch 2-D chunk
+            # files directly (zarr's per-call overhead is ~2 ms an array); each file is
+            # replaced atomically and the published shapes stay valid.
+            flat = [w for w in writes if w[0] != "time" and w[3].ndim == 1]
+            for name, _, selection, block in writes:
+                if name != "time" and block.ndim == 2:
+                    _patch_chunks(self.path / key / name, block, selection[0].start, block.dtype)
+            if flat:
+                zsync(_write_arrays(str(self.path / key), flat))
+        else:
+            zsync(_write_arrays(str(self.path / key), writes))
+            self._unpublished = True
+        self._labels[key] = all_names
+        self._times[key] = np.concatenate([stored[:start], times])
 
     def read_tail(self, tf: str, rows: int) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
         """Return the last ``rows`` stored bars of ``tf`` (times, fields in stored symbol order)."""
-        times = self._times.get(tf)
+        times = self._times.get(f"bars/{tf}")
         if times is None or len(times) == 0:
             return None
         start = max(len(times) - rows, 0)
