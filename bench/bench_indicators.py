@@ -4,8 +4,10 @@ Run ``python bench/bench_indicators.py``. In one run it prints, for 500 symbols 
 in-memory window (the bar engine's default history), the mean time of one
 :meth:`flows.indicators.IndicatorEngine.update` that
 
-* appends one bar (the forming bar closes and a new forming bar opens),
-* updates the forming bar only (its values change, nothing is committed),
+* appends one bar (the forming bar closes and a new forming bar opens; rows are trimmed from
+  the front a quarter at a time, as ``BarFrame.trim`` does),
+* updates the forming bar only (its values change, nothing is committed) -- with every symbol
+  moved, and with 10% of them moved (a typical batch); unchanged symbols are skipped,
 * rewinds 120 rows (a late trade amends a bar 120 rows back: replay from there),
 
 and the time to recompute the same indicator set with TA-Lib, symbol by symbol, over the
@@ -22,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.indicators import IndicatorEngine  # noqa: E402
+from flows.indicators import IndicatorEngine
 
 MINUTE = 60_000_000_000
 
@@ -74,39 +76,56 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--symbols", type=int, default=500)
     parser.add_argument("--window", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1000)
     args = parser.parse_args()
     S, W, steps = args.symbols, args.window, args.steps
-    times, fields = synthetic_bars(W + steps + 1, S)
+    times, fields = synthetic_bars(W + W // 4 + steps + 1, S)
     engine = IndicatorEngine()
     engine.update(*window(times, fields, 0, W), start=0, forming=True)  # warm up + JIT
 
     def timed(fn, n):
         fn(0)
-        t0 = time.perf_counter()
-        for i in range(1, n + 1):
-            fn(i)
-        return (time.perf_counter() - t0) / n * 1e6
+        samples = np.empty(n)
+        for i in range(n):
+            t0 = time.perf_counter()
+            fn(i + 1)
+            samples[i] = time.perf_counter() - t0
+        return np.median(samples) * 1e6, samples.mean() * 1e6
 
-    def append(i):  # the bar engine keeps W rows: one new row at the end, one dropped in front
-        engine.update(*window(times, fields, i, W + i), start=W - 1, forming=True)
+    lo = 0
 
-    us_append = timed(append, steps - 1)
-    last = steps - 1
-    t_now, f_now = window(times, fields, last, W + last)
-    us_forming = timed(lambda i: engine.update(t_now, f_now, start=W - 1, forming=True), 2000)
-    us_rewind = timed(lambda i: engine.update(t_now, f_now, start=W - 120, forming=True), 200)
+    def append(i):  # like BarFrame.trim: W..W+W/4 rows, a quarter dropped at once
+        nonlocal lo
+        hi = W + i
+        if hi - lo > W + W // 4:
+            lo = hi - W
+        engine.update(*window(times, fields, lo, hi), start=hi - lo - 1, forming=True)
+
+    res = {"append one bar (the forming bar closes)": timed(append, steps - 1)}
+    t_now, f_now = window(times, fields, lo, W + steps - 1)
+    R = len(t_now)
+    f_tick = {k: v.copy() for k, v in f_now.items()}
+    rng = np.random.default_rng(0)
+
+    def forming(i, frac):  # a batch moved the close/volume of ``frac`` of the symbols
+        moved = rng.random(S) < frac
+        f_tick["close"][-1, moved] *= 1 + 1e-5
+        f_tick["volume"][-1, moved] += 1.0
+        engine.update(t_now, f_tick, start=R - 1, forming=True)
+
+    res["forming bar only, all 500 symbols moved"] = timed(lambda i: forming(i, 1.0), 2000)
+    res["forming bar only, 10% of symbols moved"] = timed(lambda i: forming(i, 0.1), 2000)
+    res["rewind 120 rows (late trade)"] = timed(
+        lambda i: engine.update(t_now, f_tick, start=R - 120, forming=True), 200)
     t0 = time.perf_counter()
     reps = 3
     for _ in range(reps):
-        talib_recompute(fields, last, W + last)
+        talib_recompute(fields, lo, W + steps - 1)
     us_talib = (time.perf_counter() - t0) / reps * 1e6
-    print(f"indicators, {S} symbols, {W}-bar window (19 variables + vwap_session)")
-    print(f"  IndicatorEngine.update  append one bar     {us_append:10.1f} us")
-    print(f"  IndicatorEngine.update  forming bar only   {us_forming:10.1f} us")
-    print(f"  IndicatorEngine.update  rewind 120 rows    {us_rewind:10.1f} us")
-    print(f"  TA-Lib per symbol, recompute {W} bars     {us_talib:10.1f} us")
-
+    print(f"indicators, {S} symbols, {W}-bar window (19 variables + vwap_session); median / mean us")
+    for label, (med, mean) in res.items():
+        print(f"  IndicatorEngine.update  {label:42s} {med:10.1f} {mean:10.1f}")
+    print(f"  TA-Lib per symbol, recompute the {R}-bar window          {us_talib:10.1f}")
 
 if __name__ == "__main__":
     main()

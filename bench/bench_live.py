@@ -79,9 +79,11 @@ class RssSampler(threading.Thread):
 
 def run(rate: float, seconds: float, n_symbols: int, batch_ms: int, flush_interval: float,
         warmup_s: float, store: Path, seed: int = 0) -> dict:
-    shutil.rmtree(store, ignore_errors=True)
-    shutil.rmtree(writer_dir(store), ignore_errors=True)
-    flow = Flow(FlowConfig(store=str(store), flush_interval_s=flush_interval, feed="simulated"))
+    if store is not None:
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.rmtree(writer_dir(store), ignore_errors=True)
+    flow = Flow(FlowConfig(store=None if store is None else str(store),
+                           flush_interval_s=flush_interval, feed="simulated"))
     start = time.time_ns() // NS * NS
     market = SimulatedMarket(flow.table, n_symbols=n_symbols, rate=rate / open_factor(seconds + warmup_s),
                              seed=seed, start_ns=start, batch_ms=batch_ms, realtime=True,
@@ -172,10 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flush-interval", type=float, default=1.0)
     p.add_argument("--warmup", type=float, default=5.0, help="seconds run before measuring")
     p.add_argument("--store", default=str(OUT / "live.zarr"))
+    p.add_argument("--no-store", action="store_true",
+                   help="no store, no flusher: the push cost alone, for comparison")
     args = p.parse_args(argv)
     for rate in args.rate:
         report(run(rate, args.seconds, args.symbols, args.batch_ms, args.flush_interval,
-                   args.warmup, Path(args.store)))
+                   args.warmup, None if args.no_store else Path(args.store)))
     return 0
 
 

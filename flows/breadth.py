@@ -22,7 +22,9 @@ Definitions (each row is one bar time of the timeframe; a symbol *has a bar* in 
   previous bars is not counted. ``high_low_bars=252`` on 1d bars gives 52-week highs and lows.
 * **pct_above_sma_N** -- percent (0-100) of the symbols with a bar in the row whose close is
   above their SMA N in that row; symbols whose SMA is NaN there are left out of the denominator.
-  NaN when no symbol qualifies (or no SMA was given).
+  NaN when no symbol qualifies (or no SMA was given). "Above" means by more than a relative
+  ``1e-9``: a close equal to its SMA in exact arithmetic (a flat stretch, or a mean that lands
+  on the tick) is not above it, whichever way the SMA's summation rounded its last bit.
 * **mcclellan** -- ``EMA19 - EMA39`` of net advances (``advancers - decliners``), classic and
   unadjusted; ``EMA_n = EMA_n[-1] + a (net - EMA_n[-1])`` with ``a = 2 / (n + 1)``, each EMA
   seeded with the net advances of the first row that counts any symbol (pandas
@@ -40,8 +42,8 @@ retained row, so the engine recomputes from the first changed row and nothing el
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numba
 import numpy as np
@@ -52,11 +54,23 @@ from flows.schema import SymbolTable
 DAY = 86_400_000_000_000
 UNKNOWN_SECTOR = "Unknown"
 _NO_SESSION = np.iinfo(np.int64).min
+#: A close must exceed its SMA by this relative margin to count as above it (rounding noise).
+ABOVE_RTOL = 1e-9
 
 #: Variables of ``sectors/{tf}`` (dims time, sector), in store order, with dtypes.
 SECTOR_FIELDS: dict[str, str] = {
     "return": "float64", "return_vw": "float64", "advancers": "int64", "decliners": "int64",
     "unchanged": "int64", "volume": "float64",
+}
+#: Per-(row, symbol) arrays kept for the window: bar inputs, then carried previous session close,
+#: last close and its session.
+_CELLS: dict[str, type] = {
+    "close": np.float64, "high": np.float64, "low": np.float64, "volume": np.float64,
+    "has": np.bool_, "ref": np.float64, "lastc": np.float64, "lasts": np.int64,
+}
+_FILL: dict[str, float | bool | int] = {
+    "close": np.nan, "high": np.nan, "low": np.nan, "volume": 0.0,
+    "has": False, "ref": np.nan, "lastc": np.nan, "lasts": _NO_SESSION,
 }
 _COUNTS = ("advancers", "decliners", "unchanged", "ad_line", "new_highs", "new_lows")
 
@@ -70,24 +84,28 @@ class BreadthConfig:
     high_low_bars : previous non-empty bars of a symbol that a new high/low must beat.
     sma_periods : SMA periods N reported as ``pct_above_sma_N`` (arrays come from the indicators).
     mcclellan_spans : the fast and slow EMA spans of the McClellan oscillator.
-    session_tz : time zone of the session calendar.
-    session_start : when a session starts after local midnight (``pd.Timedelta`` text, "0h").
+    session_tz : time zone of the session calendar; None means UTC.
+    session_start : nanoseconds after local midnight at which a session begins.
+
+    The session fields mean what they mean in :class:`flows.indicators.IndicatorConfig`: pass
+    the same values to both.
     """
 
     high_low_bars: int = 20
     sma_periods: tuple[int, ...] = (50, 200)
     mcclellan_spans: tuple[int, int] = (19, 39)
-    session_tz: str = "UTC"
-    session_start: str = "0h"
+    session_tz: str | None = None
+    session_start: int = 0
 
     def __post_init__(self) -> None:
         if self.high_low_bars < 1:
             raise ValueError("high_low_bars must be at least 1")
         if not 0 < self.mcclellan_spans[0] < self.mcclellan_spans[1]:
             raise ValueError("mcclellan_spans must be (fast, slow) with 0 < fast < slow")
-        if not 0 <= pd.Timedelta(self.session_start).value < DAY:
-            raise ValueError("session_start must be within one day")
-        pd.Timestamp(0, tz=self.session_tz)  # raises on an unknown time zone
+        if not 0 <= self.session_start < DAY:
+            raise ValueError("session_start must be within one day (ns)")
+        if self.session_tz is not None:
+            pd.Timestamp(0, tz=self.session_tz)  # raises on an unknown time zone
 
     @property
     def breadth_fields(self) -> dict[str, str]:
@@ -100,10 +118,10 @@ class BreadthConfig:
     def sessions(self, times: np.ndarray) -> np.ndarray:
         """Return the session number of each bar time (int64 ns, UTC)."""
         t = np.asarray(times, dtype=np.int64)
-        if self.session_tz != "UTC" and len(t):
+        if self.session_tz is not None and len(t):
             idx = pd.DatetimeIndex(t.view("datetime64[ns]")).tz_localize("UTC")
             t = idx.tz_convert(self.session_tz).tz_localize(None).as_unit("ns").asi8
-        return (t - pd.Timedelta(self.session_start).value) // DAY
+        return (t - self.session_start) // DAY
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +213,7 @@ def _sector_sums(close, ref, has, volume, codes, sums, counts):
             k = codes[s]
             sums[3, r, k] += volume[r, s]
             c, p = close[r, s], ref[r, s]
-            if p != p:  # no previous session close
+            if np.isnan(p):  # no previous session close
                 continue
             x = c / p - 1.0
             dollars = c * volume[r, s]
@@ -217,7 +235,7 @@ def _running(net, issues, ad0, fast0, slow0, a_fast, a_slow, ad, fast, slow):
     a, f, w = ad0, fast0, slow0
     for i in range(len(net)):
         a += net[i]
-        if f == f:
+        if not np.isnan(f):
             f = (1.0 - a_fast) * f + a_fast * net[i]
             w = (1.0 - a_slow) * w + a_slow * net[i]
         elif issues[i] > 0:
@@ -261,11 +279,6 @@ class BreadthEngine:
     (['Tech', 'Energy'], [0.1, -0.05])
     """
 
-    _CELLS = {"close": np.float64, "high": np.float64, "low": np.float64, "volume": np.float64,
-              "has": np.bool_, "ref": np.float64, "lastc": np.float64, "lasts": np.int64}
-    _FILL = {"close": np.nan, "high": np.nan, "low": np.nan, "volume": 0.0, "has": False,
-             "ref": np.nan, "lastc": np.nan, "lasts": _NO_SESSION}
-
     def __init__(self, config: BreadthConfig | None = None, sectors: Sequence[str | None] | None = None):
         self.config = config or BreadthConfig()
         c = self.config
@@ -276,7 +289,7 @@ class BreadthEngine:
         self._n_sym = 0
         self._times = np.zeros(0, dtype=np.int64)
         self._sess = np.zeros(0, dtype=np.int64)
-        self._cells = {k: np.zeros((0, 0), dtype=d) for k, d in self._CELLS.items()}
+        self._cells = {k: np.zeros((0, 0), dtype=d) for k, d in _CELLS.items()}
         self._rows = {k: np.zeros(0, dtype=d) for k, d in c.breadth_fields.items()}
         self._rows.update(ema_fast=np.zeros(0), ema_slow=np.zeros(0))
         self._sec = {k: np.zeros((0, 0), dtype=d) for k, d in SECTOR_FIELDS.items()}
@@ -329,9 +342,9 @@ class BreadthEngine:
             engine: a forming row is simply recomputed on the next call, so it changes nothing.
         """
         times = np.asarray(times, dtype=np.int64)
-        R, S = int(len(times)), int(np.shape(fields["close"])[1])
+        R, S = len(times), int(np.shape(fields["close"])[1])
         old_times = self._times[: self._n]
-        drop = int(np.searchsorted(old_times, times[0])) if R else self._n
+        drop = np.searchsorted(old_times, times[0]).item() if R else self._n
         start = min(int(start), R, self._n - drop)
         same = old_times[drop: drop + start] == times[:start]
         if not same.all():
@@ -362,7 +375,7 @@ class BreadthEngine:
             return
         rows = max(cap, rows if rows <= cap else max(rows, cap + cap // 2))
         n_sym = max(scap, n_sym if n_sym <= scap else max(n_sym, scap + scap // 4))
-        self._cells = {k: _grow(v, rows, n_sym, self._FILL[k]) for k, v in self._cells.items()}
+        self._cells = {k: _grow(v, rows, n_sym, _FILL[k]) for k, v in self._cells.items()}
         self._times, self._sess = _grow(self._times, rows, None, 0), _grow(self._sess, rows, None, 0)
         self._rows = {k: _grow(v, rows, None, 0) for k, v in self._rows.items()}
         self._sec = {k: _grow(v, rows, v.shape[1], 0) for k, v in self._sec.items()}
@@ -465,24 +478,27 @@ class BreadthEngine:
         n, S = self._n, self._n_sym
         out = {"times": self._times[:n].copy(), "sess": self._sess[:n].copy(),
                "sector_of": self._sector_of.copy(), "sector_names": np.array(self.sector_names, dtype=str),
-               "config": np.array([self.config.high_low_bars, *self.config.mcclellan_spans])}
+               "config": self._config_key()}
         out.update({f"cells/{k}": v[:n, :S].copy() for k, v in self._cells.items()})
         out.update({f"rows/{k}": v[:n].copy() for k, v in self._rows.items()})
         out.update({f"sec/{k}": v[:n, : len(self.sector_names)].copy() for k, v in self._sec.items()})
         out.update({f"base/{k}": (v if k == "scalars" else v[:S]).copy() for k, v in self._base.items()})
         return out
 
+    def _config_key(self) -> np.ndarray:
+        c = self.config
+        return np.array([c.high_low_bars, *c.mcclellan_spans, *c.sma_periods], dtype=np.int64)
+
     def restore(self, state: Mapping[str, np.ndarray]) -> None:
         """Resume from :meth:`state` (taken with the same config)."""
-        expect = [self.config.high_low_bars, *self.config.mcclellan_spans]
-        if np.asarray(state["config"]).tolist() != expect:
+        if np.asarray(state["config"]).tolist() != self._config_key().tolist():
             raise ValueError("breadth state was taken with another config")
         self.sector_names = [str(s) for s in state["sector_names"]]
         self._sector_of = np.asarray(state["sector_of"], dtype=np.int64).copy()
         n, S = state["cells/close"].shape
         self._n = self._n_sym = 0
         self._times, self._sess = np.zeros(0, np.int64), np.zeros(0, np.int64)
-        self._cells = {k: np.zeros((0, 0), dtype=d) for k, d in self._CELLS.items()}
+        self._cells = {k: np.zeros((0, 0), dtype=d) for k, d in _CELLS.items()}
         self._rows = {k: np.zeros(0, dtype=v.dtype) for k, v in self._rows.items()}
         self._sec = {k: np.zeros((0, len(self.sector_names)), dtype=d) for k, d in SECTOR_FIELDS.items()}
         self._base = {k: np.asarray(state[f"base/{k}"]).copy() for k in self._base}
@@ -507,7 +523,7 @@ def _pct_above(close: np.ndarray, has: np.ndarray, sma: np.ndarray | None, start
         sma = np.pad(sma, ((0, 0), (0, S - sma.shape[1])), constant_values=np.nan)
     valid = has & ~np.isnan(sma)
     n = valid.sum(axis=1)
-    above = (valid & (close > sma)).sum(axis=1)
+    above = (valid & (close > sma + ABOVE_RTOL * np.abs(sma))).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n > 0, 100.0 * above / n, np.nan)
 
@@ -518,8 +534,8 @@ def heatmap_table(engine: BreadthEngine, symbols: Sequence[str], names: Sequence
 
     Each symbol that traded in the row's session up to and including the row gives its return
     from the previous session close to its latest close and its volume in the session so far
-    (summed over the retained rows of that session). On 1d bars that is the day's bar.
-    Columns ``symbol, sector, name, return, volume``, sorted by sector then symbol.
+    (summed over the retained rows of that session). On 1d bars that is the day's bar. The
+    return is NaN for a symbol in its first session (no previous session close). Columns ``symbol, sector, name, return, volume``, sorted by sector then symbol.
     """
     n, S = engine._n, engine._n_sym
     if n == 0:

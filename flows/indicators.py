@@ -135,34 +135,36 @@ def _is_zero(v):
 def _true_range(h, l, pc):
     out = h - l
     t = abs(h - pc)
-    if t > out:
-        out = t
+    out = max(out, t)
     t = abs(l - pc)
-    if t > out:
-        out = t
+    out = max(out, t)
     return out
 
 
 @numba.njit(inline="always")
-def _window_sum(st, o, x, n, period, ring, kind, mask, out, k, r, s):
+def _window_sum(st, o, x, n, period, rings, kind, mask, out, k, r, s):
     """One TA-Lib SMA step: ``st[o]`` holds the sum of the last ``period - 1`` values."""
     if n < period - 1:
         st[o] += x
-        out[k, r, s] = np.nan
+        out[r, k, s] = np.nan
         return np.nan
     t = st[o] + x
-    st[o] = t - ring[kind, (n - period + 1) & mask]
-    out[k, r, s] = t / period
+    st[o] = t - rings[kind, (n - period + 1) & mask, s]
+    out[r, k, s] = t / period
     return t / period
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, volume, vwap, trades,
-             session, out, row0, ip, fp, n_sym):
+             session, out, row0, ip, fp, n_sym, seen, reuse):
     """Advance every symbol's state over ``len(close)`` rows, writing outputs and snapshots.
 
     Row ``j`` leaves its state in slot ``(base + j) % cap`` when ``j < n_commit`` (closed) and
     in the scratch slot ``cap`` otherwise (the forming bar, not committed to the rings).
+    ``seen`` holds the inputs (and fast/slow %K) of the forming bar last computed, from the same
+    committed state. ``reuse`` 1: the only row is that bar, still forming; symbols whose inputs
+    equal ``seen`` are skipped. ``reuse`` 2: the first row is that bar, now closed and
+    unchanged; it is committed from the scratch slot without recomputing.
     """
     cap = snap.shape[0] - 1
     m = close.shape[0]
@@ -173,34 +175,58 @@ def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, vol
     ko = ns + ne  # first output after the averages
     nbdev = fp[0]
     for s in range(n_sym):
-        ring = rings[s]
         prev = snap[src, s] if src >= 0 else init
         for j in range(m):
             dst = (base + j) % cap if j < n_commit else cap
             st = snap[dst, s]
+            if reuse == 2 and j == 0:  # the forming bar closed unchanged: promote it
+                scratch = snap[cap, s]
+                for f in range(width):
+                    st[f] = scratch[f]
+                prev = st
+                if trades[0, s] > 0:
+                    cur = (np.int64(st[0]) - 1) & mask
+                    rings[_C, cur, s] = close[0, s]
+                    rings[_H, cur, s] = high[0, s]
+                    rings[_L, cur, s] = low[0, s]
+                    rings[_V, cur, s] = volume[0, s]
+                    rings[_FK, cur, s] = seen[6, s]
+                    rings[_SK, cur, s] = seen[7, s]
+                continue
+            if j >= n_commit:
+                if (reuse == 1 and seen[0, s] == trades[j, s] and (trades[j, s] <= 0 or (
+                        seen[1, s] == high[j, s] and seen[2, s] == low[j, s] and seen[3, s] == close[j, s]
+                        and seen[4, s] == volume[j, s] and seen[5, s] == vwap[j, s]))):
+                    continue  # forming bar unchanged since it was last computed
+                seen[0, s] = trades[j, s]
+                seen[1, s] = high[j, s]
+                seen[2, s] = low[j, s]
+                seen[3, s] = close[j, s]
+                seen[4, s] = volume[j, s]
+                seen[5, s] = vwap[j, s]
             for f in range(width):
                 st[f] = prev[f]
             prev = st
             r = row0 + j
             if trades[j, s] <= 0:
-                for k in range(out.shape[0]):
-                    out[k, r, s] = np.nan
+                for k in range(out.shape[1]):
+                    out[r, k, s] = np.nan
                 continue
             commit = j < n_commit
             h, lo, c, v = high[j, s], low[j, s], close[j, s], volume[j, s]
             n = np.int64(st[0])
             cur, pk = n & mask, (n - 1) & mask
-            pc, ph, pl = ring[_C, pk], ring[_H, pk], ring[_L, pk]
+            pc, ph, pl = rings[_C, pk, s], rings[_H, pk, s], rings[_L, pk, s]
             for i in range(ns):
-                _window_sum(st, 1 + i, c, n, ip[13 + i], ring, _C, mask, out, i, r, s)
+                _window_sum(st, 1 + i, c, n, ip[13 + i], rings, _C, mask, out, i, r, s)
             for i in range(ne):  # EMA seeded by the SMA of its first N values
                 p, o = ip[13 + ns + i], oe + i
                 if n < p - 1:
                     st[o] += c
-                    out[ns + i, r, s] = np.nan
+                    out[r, ns + i, s] = np.nan
                 else:
                     st[o] = (st[o] + c) / p if n == p - 1 else (c - st[o]) * (2.0 / (p + 1)) + st[o]
-                    out[ns + i, r, s] = st[o]
+                    out[r, ns + i, s] = st[o]
             # RSI (Wilder)
             gain, loss = t0 + 5, t0 + 6
             rsi = np.nan
@@ -218,7 +244,7 @@ def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, vol
                     st[gain] /= prsi
                     t = st[gain] + st[loss]
                     rsi = 0.0 if _is_zero(t) else 100.0 * (st[gain] / t)
-            out[ko, r, s] = rsi
+            out[r, ko, s] = rsi
             # MACD: slow EMA from the start, fast EMA seeded at slow - 1, signal EMA of the line
             fa, sl, sg = t0 + 2, t0 + 3, t0 + 4
             line, sig = np.nan, np.nan
@@ -233,33 +259,31 @@ def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, vol
                 else:
                     st[sg] = (st[sg] + x) / msg if q == msg - 1 else (x - st[sg]) * (2.0 / (msg + 1)) + st[sg]
                     line, sig = x, st[sg]
-            out[ko + 1, r, s] = line
-            out[ko + 2, r, s] = sig
-            out[ko + 3, r, s] = line - sig
+            out[r, ko + 1, s] = line
+            out[r, ko + 2, s] = sig
+            out[r, ko + 3, s] = line - sig
             # Bollinger bands: population deviation around the SMA, two-pass over the ring
             # (TA-Lib 0.8 agrees to ~1e-12; a running sum of squares would drift)
-            mid = _window_sum(st, t0 + 1, c, n, pbb, ring, _C, mask, out, ko + 5, r, s)
+            mid = _window_sum(st, t0 + 1, c, n, pbb, rings, _C, mask, out, ko + 5, r, s)
             if n < pbb - 1:
-                out[ko + 4, r, s] = np.nan
-                out[ko + 6, r, s] = np.nan
+                out[r, ko + 4, s] = np.nan
+                out[r, ko + 6, s] = np.nan
             else:
                 var = 0.0
                 for q in range(n - pbb + 1, n):
-                    d = ring[_C, q & mask] - mid
+                    d = rings[_C, q & mask, s] - mid
                     var += d * d
                 var = (var + (c - mid) * (c - mid)) / pbb
                 dev = np.sqrt(var) * nbdev
-                out[ko + 4, r, s] = mid + dev
-                out[ko + 6, r, s] = mid - dev
+                out[r, ko + 4, s] = mid + dev
+                out[r, ko + 6, s] = mid - dev
             # Stochastic: fast %K over the ring, then two simple smoothings
             fk, sk, sdv = np.nan, np.nan, np.nan
             if n >= kf - 1:
                 hh, ll = h, lo
                 for q in range(n - kf + 1, n):
-                    if ring[_H, q & mask] > hh:
-                        hh = ring[_H, q & mask]
-                    if ring[_L, q & mask] < ll:
-                        ll = ring[_L, q & mask]
+                    hh = max(hh, rings[_H, q & mask, s])
+                    ll = min(ll, rings[_L, q & mask, s])
                 diff = (hh - ll) / 100.0
                 fk = (c - ll) / diff if diff != 0.0 else 0.0
                 q = n - (kf - 1)
@@ -267,17 +291,17 @@ def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, vol
                     st[t0 + 12] += fk
                 else:
                     t = st[t0 + 12] + fk
-                    st[t0 + 12] = t - ring[_FK, (n - ks + 1) & mask]
+                    st[t0 + 12] = t - rings[_FK, (n - ks + 1) & mask, s]
                     sk = t / ks
                     q -= ks - 1
                     if q < kd - 1:
                         st[t0 + 13] += sk
                     else:
                         t = st[t0 + 13] + sk
-                        st[t0 + 13] = t - ring[_SK, (n - kd + 1) & mask]
+                        st[t0 + 13] = t - rings[_SK, (n - kd + 1) & mask, s]
                         sdv = t / kd
-            out[ko + 7, r, s] = sk if sdv == sdv else np.nan
-            out[ko + 8, r, s] = sdv
+            out[r, ko + 7, s] = np.nan if np.isnan(sdv) else sk
+            out[r, ko + 8, s] = sdv
             # ATR (Wilder) of the true range
             atr = np.nan
             if n > 0:
@@ -287,7 +311,7 @@ def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, vol
                 else:
                     st[t0 + 7] = (st[t0 + 7] + tr) / patr if n == patr else (st[t0 + 7] * (patr - 1) + tr) / patr
                     atr = st[t0 + 7]
-            out[ko + 9, r, s] = atr
+            out[r, ko + 9, s] = atr
             # ADX: Wilder-smoothed DM and TR, DX summed over the second period, then smoothed
             adx = np.nan
             if n > 0:
@@ -311,17 +335,17 @@ def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, vol
                         if not _is_zero(t):
                             dx = 100.0 * (abs(mdi - pdi) / t)
                     if n < 2 * padx:
-                        if dx == dx:
+                        if not np.isnan(dx):
                             st[ax] += dx
                         if n == 2 * padx - 1:
                             st[ax] = st[ax] / padx
                             adx = st[ax]
                     else:
-                        if dx == dx:
+                        if not np.isnan(dx):
                             st[ax] = (st[ax] * (padx - 1) + dx) / padx
                         adx = st[ax]
-            out[ko + 10, r, s] = adx
-            _window_sum(st, t0, v, n, pvol, ring, _V, mask, out, ko + 11, r, s)
+            out[r, ko + 10, s] = adx
+            _window_sum(st, t0, v, n, pvol, rings, _V, mask, out, ko + 11, r, s)
             # Session VWAP
             if st[t0 + 14] != session[j]:
                 st[t0 + 14] = session[j]
@@ -329,15 +353,18 @@ def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, vol
                 st[t0 + 16] = 0.0
             st[t0 + 15] += vwap[j, s] * v
             st[t0 + 16] += v
-            out[ko + 12, r, s] = st[t0 + 15] / st[t0 + 16]
+            out[r, ko + 12, s] = st[t0 + 15] / st[t0 + 16]
             st[0] = n + 1
-            if commit:
-                ring[_C, cur] = c
-                ring[_H, cur] = h
-                ring[_L, cur] = lo
-                ring[_V, cur] = v
-                ring[_FK, cur] = fk
-                ring[_SK, cur] = sk
+            if not commit:
+                seen[6, s] = fk
+                seen[7, s] = sk
+            else:
+                rings[_C, cur, s] = c
+                rings[_H, cur, s] = h
+                rings[_L, cur, s] = lo
+                rings[_V, cur, s] = v
+                rings[_FK, cur, s] = fk
+                rings[_SK, cur, s] = sk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,39 +415,48 @@ class IndicatorEngine:
     # -- buffers ------------------------------------------------------------------------------
 
     def _alloc(self, rows: int, n_sym: int) -> None:
+        n_sym = _padded(n_sym)
         self._n_sym = 0
         self._snap = np.empty((self._cap + 1, n_sym, self._width))
         self._snap[:] = self._init
         self._snap_times = np.zeros(self._cap, dtype=np.int64)
         self._head = self._count = 0
         self._evicted = False
-        self._rings = np.zeros((n_sym, len(_RINGS), self._ring_len))
-        self._out = np.full((len(self.names), rows, n_sym), np.nan)
+        self._rings = np.zeros((len(_RINGS), self._ring_len, n_sym))
+        self._out = np.full((rows, len(self.names), n_sym), np.nan)
         self._times = np.zeros(rows, dtype=np.int64)
         self._r0 = self._rows = 0
         self._forming = False
+        # Inputs of the last computed forming bar, and (bar time, state generation, buffer row)
+        # telling whether that computation can be reused.
+        self._seen = np.full((8, n_sym), -1.0)
+        self._seen_key: tuple | None = None
+        self._gen = 0
 
     def _grow_symbols(self, n_sym: int) -> None:
         old = self._snap.shape[1]
-        new = max(n_sym, 2 * old)
+        new = _padded(max(n_sym, 2 * old))
         snap = np.empty((self._cap + 1, new, self._width))
         snap[:] = self._init
         snap[:, :old] = self._snap
-        rings = np.zeros((new, len(_RINGS), self._ring_len))
-        rings[:old] = self._rings
+        rings = np.zeros((len(_RINGS), self._ring_len, new))
+        rings[:, :, :old] = self._rings
         out = np.full((self._out.shape[0], self._out.shape[1], new), np.nan)
         out[:, :, :old] = self._out
-        self._snap, self._rings, self._out = snap, rings, out
+        seen = np.full((8, new), -1.0)
+        seen[:, :old] = self._seen
+        self._snap, self._rings, self._out, self._seen = snap, rings, out, seen
 
     def _make_room(self, keep: int, rows: int) -> None:
         """Ensure rows ``r0 .. r0 + rows`` fit, keeping the first ``keep`` of the current rows."""
-        if self._r0 + rows <= self._out.shape[1]:
+        if self._r0 + rows <= len(self._out):
             return
-        cap = self._out.shape[1] if rows <= self._out.shape[1] // 2 else 2 * rows
-        out = self._out if cap == self._out.shape[1] else np.full((self._out.shape[0], cap, self._out.shape[2]), np.nan)
+        cap = len(self._out) if rows <= len(self._out) // 2 else 2 * rows
+        out = self._out if cap == len(self._out) else np.full((cap,) + self._out.shape[1:], np.nan)
         times = self._times if cap == len(self._times) else np.zeros(cap, dtype=np.int64)
         r0 = self._r0
-        out[:, :keep] = self._out[:, r0 : r0 + keep]
+        self._seen_key = None  # the forming row's outputs are not carried over
+        out[:keep] = self._out[r0 : r0 + keep]
         times[:keep] = self._times[r0 : r0 + keep]
         self._out, self._times, self._r0 = out, times, 0
 
@@ -481,15 +517,21 @@ class IndicatorEngine:
         self._make_room(begin, n_rows)
         m = n_rows - begin
         n_commit = m - 1 if forming and m else m
+        reuse = 0
+        if self._seen_key == (int(times[begin]) if m else None, self._gen, self._r0 + begin):
+            reuse = 1 if m == 1 and forming else (2 if start > begin and n_commit else 0)
+        self._seen_key = None
         if m:
             rows = slice(begin, n_rows)
             _advance(self._snap, self._init, src, self._head + self._count, n_commit, self._rings,
                      self._ring_len - 1, fields["high"][rows], fields["low"][rows], close[rows],
                      fields["volume"][rows], fields["vwap"][rows], fields["trades"][rows],
                      self._sessions(times[rows]), self._out, self._r0 + begin, self._ip, self._fp,
-                     n_sym)
+                     n_sym, self._seen, reuse)
             self._times[self._r0 + begin : self._r0 + n_rows] = times[rows]
             self._commit(times[begin : begin + n_commit])
+            if n_commit < m:
+                self._seen_key = (int(times[-1]), self._gen, self._r0 + n_rows - 1)
         self._rows = n_rows
         self._forming = bool(forming and n_rows)
         self.changed_from = begin
@@ -502,7 +544,9 @@ class IndicatorEngine:
             if count and self._snap_times[(head + count - 1) % cap] >= limit:
                 logical = self._snap_times[(head + np.arange(count)) % cap]
                 count = int(np.searchsorted(logical, limit))
-        self._count = count
+        if count != self._count:
+            self._count = count
+            self._gen += 1
         if begin and (not count or self._snap_times[(head + count - 1) % cap] != times[begin - 1]):
             raise ValueError(f"cannot replay from row {begin}: it is more than max_rewind="
                              f"{self.config.max_rewind} closed rows back")
@@ -519,6 +563,7 @@ class IndicatorEngine:
         elif n:
             self._snap_times[(self._head + self._count + np.arange(n)) % cap] = times
         self._count += n
+        self._gen += n > 0
         if self._count > cap:
             self._head = (self._head + self._count - cap) % cap
             self._count = cap
@@ -533,7 +578,7 @@ class IndicatorEngine:
         (R,) bool marks the forming row.
         """
         rows = slice(self._r0, self._r0 + self._rows)
-        out = {name: self._out[k, rows, : self._n_sym] for k, name in enumerate(self.names)}
+        out = {name: self._out[rows, k, : self._n_sym] for k, name in enumerate(self.names)}
         provisional = np.zeros(self._rows, dtype=bool)
         if self._forming:
             provisional[-1] = True
@@ -550,29 +595,29 @@ class IndicatorEngine:
             "layout": np.concatenate([self._ip, self._fp.view(np.int64), [self._cap, self._ring_len,
                                       self.config.session_start]]),
             "times": self._times[rows].copy(),
-            "outputs": self._out[:, rows, : self._n_sym].copy(),
+            "outputs": self._out[rows, :, : self._n_sym].copy(),
             "forming": np.array([self._forming]),
             "evicted": np.array([self._evicted]),
             "snap_times": self._snap_times[slots],
             "snap": self._snap[slots, : self._n_sym].copy(),
-            "rings": self._rings[: self._n_sym].copy(),
+            "rings": self._rings[:, :, : self._n_sym].copy(),
         }
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
         """Resume from :meth:`state` taken by an engine with the same configuration."""
         if not np.array_equal(state["layout"], self.state()["layout"]):
             raise ValueError("state was taken with a different IndicatorConfig")
-        n_rows, n_sym = state["outputs"].shape[1:]
+        n_rows, n_sym = state["outputs"].shape[0], state["outputs"].shape[2]
         self._alloc(rows=max(2 * n_rows, 16), n_sym=max(n_sym, 1))
         self._n_sym, self._rows = n_sym, n_rows
-        self._out[:, :n_rows, :n_sym] = state["outputs"]
+        self._out[:n_rows, :, :n_sym] = state["outputs"]
         self._times[:n_rows] = state["times"]
         self._forming = bool(state["forming"][0])
         self._evicted = bool(state["evicted"][0])
         self._count = len(state["snap_times"])
         self._snap_times[: self._count] = state["snap_times"]
         self._snap[: self._count, :n_sym] = state["snap"]
-        self._rings[:n_sym] = state["rings"]
+        self._rings[:, :, :n_sym] = state["rings"]
 
     def pending_from(self, times: np.ndarray) -> int:
         """Return the first row of ``times`` not yet committed (the ``start`` to pass after a restore)."""
@@ -580,6 +625,13 @@ class IndicatorEngine:
             return 0
         last = self._snap_times[(self._head + self._count - 1) % self._cap]
         return int(np.searchsorted(np.asarray(times).view(np.int64), last, side="right"))
+
+
+def _padded(n_sym: int) -> int:
+    """Symbol capacity: a multiple of 8 doubles spanning an odd number of cache lines, so the
+    rows of the (position, symbol) rings do not alias to the same cache sets."""
+    lines = -(-n_sym // 8)
+    return 8 * (lines + 1 - lines % 2)
 
 
 def _utcoffset_ns(t: int, tz: zoneinfo.ZoneInfo) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from streamz import Stream
 
+from flows.analytics import Analytics
 from flows.bars import BarConfig, BarEngine, empty_bars_frame
 from flows.schema import REASONS, TIMEFRAMES, BarBatch, Quarantine, SymbolTable, TradeBatch
 from flows.store import BarStore
@@ -36,7 +37,7 @@ class FlowConfig:
     timeframes : bar timeframes to build (1m is always built).
     window : minutes late trades may still amend (see :class:`flows.bars.BarConfig`).
     history : bars per timeframe kept in memory.
-    flush_interval_s : how often the writer thread persists changes.
+    flush_interval_s : how often the writer thread persists changes (and analytics refresh).
     max_future_s : trades stamped further ahead of the clock are quarantined.
     """
 
@@ -48,6 +49,7 @@ class FlowConfig:
     max_future_s: float = 60.0
     feed: str = "simulated"
     checkpoint_keys: int = 200_000
+    analytics: bool = True
 
     def bar_config(self) -> BarConfig:
         return BarConfig(timeframes=self.timeframes, window=self.window, history=self.history)
@@ -114,6 +116,12 @@ class Flow:
                     if tail is not None:
                         self.engine.preload(tf, *tail)
         self.resumed = checkpoint is not None
+        self.analytics = Analytics(self.engine, self.table) if self.config.analytics else None
+        if self.analytics is not None and self.resumed and self.store is not None:
+            restored = {tf: int(f.dirty_from) for tf, f in self.engine.frames.items() if f.n}
+            ad = {tf: self.store.value_before(f"breadth/{tf}", "ad_line", int(f.times[0]))
+                  for tf, f in self.engine.frames.items() if f.n}
+            self.analytics.resume(restored, {tf: v for tf, v in ad.items() if v is not None})
         self.recent_quarantine: deque = deque(maxlen=10_000)
         self._pending_quarantine: list[Quarantine] = []
         self.stats = StageStats()
@@ -144,6 +152,8 @@ class Flow:
     def _fold(self, accepted: TradeBatch):
         t0 = time.perf_counter()
         update = self.engine.update(accepted)
+        if self.analytics is not None:
+            self.analytics.touch(update.touched_from)
         if len(update.too_late):
             self.validator.quarantine_late(update.too_late)
             self._quarantine(update.too_late)
@@ -187,6 +197,8 @@ class Flow:
             accepted, quarantine = self.validator.process_bars(bars, tf)
             self._quarantine(quarantine)
             update = self.engine.update_bars(tf, accepted)
+            if self.analytics is not None:
+                self.analytics.touch(update.touched_from)
             if len(update.too_late):
                 self.validator.quarantine_late(update.too_late)
                 self._quarantine(update.too_late)
@@ -202,13 +214,17 @@ class Flow:
             return
         t0 = time.perf_counter()
         with self.lock:  # take a consistent snapshot, write outside the lock
-            changes = {tf: self.engine.take_changes(tf) for tf in self.engine.frames}
+            changes = {f"bars/{tf}": self.engine.take_changes(tf) for tf in self.engine.frames}
+            if self.analytics is not None:
+                self.analytics.refresh()
+                for tf in self.engine.frames:
+                    changes.update(self.analytics.take_changes(tf) or {})
             quarantine = Quarantine.concat(self._pending_quarantine)
             self._pending_quarantine = []
             arrays, meta = self._checkpoint_state()
         self.store.write_symbol_meta()
-        for tf, ds in changes.items():
-            self.store.write_bars(tf, ds)
+        for key, ds in changes.items():
+            self.store.write_rows(key, ds)
         self.store.write_quarantine(quarantine)
         self.store.publish()
         self.store.save_checkpoint(arrays, meta)
@@ -273,6 +289,24 @@ class Flow:
             return empty_bars_frame()
         with self.lock:
             return self.engine.symbol_frame(tf, code, n)
+
+    def indicators(self, tf: str) -> "xr.Dataset":
+        """The indicators of ``tf`` over the rolling window (refreshed first)."""
+        with self.lock:
+            self.analytics.refresh()
+            return self.analytics.indicators_dataset(tf)
+
+    def breadth(self, tf: str) -> "xr.Dataset":
+        """Market breadth of ``tf`` over the rolling window (refreshed first)."""
+        with self.lock:
+            self.analytics.refresh()
+            return self.analytics.breadth_dataset(tf)
+
+    def sectors(self, tf: str) -> "xr.Dataset":
+        """Sector figures of ``tf`` over the rolling window (refreshed first)."""
+        with self.lock:
+            self.analytics.refresh()
+            return self.analytics.sectors_dataset(tf)
 
     def version(self) -> int:
         return self.engine.version

@@ -383,6 +383,16 @@ class BarStore:
         g = zarr.open_group(str(self.path / "bars" / tf), mode="r", use_consolidated=False)
         return times[start:], {name: np.asarray(g[name][start:]) for name in BAR_FIELDS}
 
+    def value_before(self, key: str, name: str, t: int) -> float | None:
+        """The stored value of 1-D variable ``name`` in group ``key`` at the last row before ``t``."""
+        times = self._times.get(key)
+        if times is None:
+            return None
+        row = int(np.searchsorted(times, t)) - 1
+        if row < 0:
+            return None
+        return float(zarr.open_array(str(self.path / key / name), mode="r")[row])
+
     def write_symbol_meta(self) -> None:
         """Record symbol metadata (sector, name, exchange) in the root attributes."""
         meta = {n: self.symbols.meta.get(n, {}) for n in self.symbols.names}

@@ -7,7 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.breadth import UNKNOWN_SECTOR, BreadthConfig, BreadthEngine, heatmap_table, read_symbols_file
+from flows.breadth import (
+    UNKNOWN_SECTOR,
+    BreadthConfig,
+    BreadthEngine,
+    heatmap_table,
+    read_symbols_file,
+)
 
 DATA = Path(__file__).parent / "data"
 N_HL = 20
@@ -49,7 +55,7 @@ def sma_arrays(df: pd.DataFrame, symbols: list[str]) -> dict[int, np.ndarray]:
     dates = np.sort(df.date.unique())
     out = {}
     for n in SMA:
-        s = df.sort_values(["symbol", "date"]).assign(sma=g.transform(lambda x: x.rolling(n).mean()))
+        s = df.sort_values(["symbol", "date"]).assign(sma=g.transform(lambda x, n=n: x.rolling(n).mean()))
         out[n] = s.pivot(index="date", columns="symbol", values="sma").reindex(index=dates, columns=symbols).to_numpy()
     return out
 
@@ -66,9 +72,9 @@ def oracle(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     d["upv"] = d.volume.where(d.adv, 0.0)
     d["dnv"] = d.volume.where(d.dec, 0.0)
     for n in SMA:
-        d[f"sma{n}"] = by.close.transform(lambda x: x.rolling(n).mean())
+        d[f"sma{n}"] = by.close.transform(lambda x, n=n: x.rolling(n).mean())
         d[f"valid{n}"] = d[f"sma{n}"].notna()
-        d[f"above{n}"] = d.close > d[f"sma{n}"]
+        d[f"above{n}"] = d.close - d[f"sma{n}"] > 1e-9 * d[f"sma{n}"]  # equal within rounding: not above
     g = d.groupby("date")
     b = pd.DataFrame({
         "advancers": g.adv.sum(), "decliners": g.dec.sum(), "unchanged": g.unch.sum(),
@@ -157,7 +163,7 @@ def test_every_breadth_and_sector_column_matches_pandas(sp500):
 
 
 def test_sma_200_without_history_is_nan(sp500):
-    engine, symbols = batch(sp500, BreadthConfig())
+    engine, _ = batch(sp500, BreadthConfig())
     b = engine.breadth()
     assert np.isnan(b["pct_above_sma_200"]).all()
     assert np.isnan(b["pct_above_sma_50"][:49]).all() and not np.isnan(b["pct_above_sma_50"][49:]).any()
@@ -296,7 +302,7 @@ def test_intraday_sessions_compare_with_previous_session_close():
     times = np.array([day0, day0 + hour, day0 + 24 * hour, day0 + 25 * hour, day0 + 26 * hour])
     close = np.array([[10.0, 20.0], [11.0, 19.0], [10.5, np.nan], [12.0, 19.0], [10.0, 21.0]])
     trades = (~np.isnan(close)).astype(np.int64)
-    fields = dict(open=close, high=close, low=close, close=close, volume=np.nan_to_num(close) * 0 + trades, trades=trades)
+    fields = {"open": close, "high": close, "low": close, "close": close, "volume": trades * 1.0, "trades": trades}
     engine = BreadthEngine(BreadthConfig(session_tz="America/New_York"), sectors=["A", "A"])
     engine.update(times, fields, start=0)
     b = engine.breadth()
@@ -306,7 +312,7 @@ def test_intraday_sessions_compare_with_previous_session_close():
     assert b["unchanged"].tolist() == [0, 0, 0, 1, 0]
     assert b["ad_line"].tolist() == [0, 0, -1, 0, 0]
     # Sessions from 09:30 New York: each 09:00 bar closes the previous day's session.
-    late = BreadthEngine(BreadthConfig(session_tz="America/New_York", session_start="9h30min"))
+    late = BreadthEngine(BreadthConfig(session_tz="America/New_York", session_start=pd.Timedelta("9h30min").value))
     late.update(times, fields, start=0)
     assert late.breadth()["advancers"].tolist() == [0, 1, 1, 1, 1]  # X: 10 | 11 10.5 | 12 10
     assert late.breadth()["decliners"].tolist() == [0, 1, 0, 0, 1]  # Y: 20 | 19 -  | 19 21
@@ -319,8 +325,8 @@ def test_mcclellan_against_pandas_ewm_seeded_with_first_value():
     R, S = 120, 40
     close = np.cumprod(1 + rng.normal(0, 0.01, (R, S)), axis=0) * 50
     day = 86_400_000_000_000
-    fields = dict(open=close, high=close, low=close, close=close, volume=np.ones((R, S)),
-                  trades=np.ones((R, S), np.int64))
+    fields = {"open": close, "high": close, "low": close, "close": close, "volume": np.ones((R, S)),
+              "trades": np.ones((R, S), np.int64)}
     engine = BreadthEngine()
     engine.update(np.arange(R) * day, fields, start=0)
     b = engine.breadth()
@@ -333,3 +339,69 @@ def test_mcclellan_against_pandas_ewm_seeded_with_first_value():
 def test_read_symbols_file():
     meta = read_symbols_file(str(DATA / "sp500_constituents_sectors_2018-04-02.csv"))
     assert meta["MMM"] == {"name": "3M Company", "sector": "Industrials"}
+
+
+def test_new_sector_column_is_empty_in_earlier_rows():
+    day = 86_400_000_000_000
+    close = np.array([[10.0], [11.0], [12.0]])
+    engine = BreadthEngine(sectors=["Tech"])
+
+    def bars(c):
+        return {"open": c, "high": c, "low": c, "close": c, "volume": np.ones_like(c),
+                "trades": np.ones(c.shape, np.int64)}
+
+    engine.update(np.arange(2) * day, bars(close[:2]), start=0)
+    both = np.hstack([close, [[np.nan], [np.nan], [5.0]]])
+    fields = bars(both)
+    fields["trades"][:2, 1] = 0
+    fields["volume"][:2, 1] = 0
+    engine.update(np.arange(3) * day, fields, start=2)  # a symbol without a sector lists
+    names, sec = engine.sectors()
+    assert names == ["Tech", UNKNOWN_SECTOR]
+    np.testing.assert_array_equal(sec["return"][:, 1], [np.nan, np.nan, np.nan])  # no previous close yet
+    np.testing.assert_array_equal(sec["volume"][:, 1], [0.0, 0.0, 1.0])
+    np.testing.assert_allclose(sec["return"][:, 0], [np.nan, 0.1, 12 / 11 - 1])
+    engine.set_sectors(["Tech", "Energy"])
+    names, sec = engine.sectors()
+    assert names == ["Tech", UNKNOWN_SECTOR, "Energy"]  # the sector axis only grows
+    np.testing.assert_array_equal(sec["volume"][:, 1:], [[0.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    assert engine.take_changed() == 0  # regrouping changes every row
+
+
+def test_simulated_market_through_bars_incremental_equals_batch():
+    """The pipeline's wiring: each batch's touched 1m rows -> breadth, while the bar window trims."""
+    from flows.bars import BarConfig, BarEngine
+    from flows.breadth import sectors_of
+    from flows.feeds.simulated import SimulatedMarket
+    from flows.schema import SymbolTable
+
+    table = SymbolTable()
+    market = SimulatedMarket(table, n_symbols=30, rate=5.0, seed=5, batch_ms=20_000,
+                             start_ns=pd.Timestamp("2024-03-04 23:00", tz="UTC").value)
+    short = BarEngine(table, BarConfig(timeframes=("1m",), window=10, history=40))
+    full = BarEngine(table, BarConfig(timeframes=("1m",), window=10, history=1000))
+    config = BreadthConfig(high_low_bars=5, sma_periods=())
+    live = BreadthEngine(config, sectors=sectors_of(table))
+    names = ("close", "high", "low", "volume", "trades")
+    for batch in market.batches(duration_s=2 * 3600):
+        full.update(batch)
+        update = short.update(batch)
+        if "1m" in update.touched_from:
+            ds = short.dataset("1m")
+            times = ds.time.values.view(np.int64)
+            start = int(np.searchsorted(times, update.touched_from["1m"]))
+            live.update(times, {k: ds[k].values for k in names}, start=start)
+            short.take_changes("1m")  # as the store does; bars never trim rows not yet taken
+    ds = full.dataset("1m")
+    batch_engine = BreadthEngine(config, sectors=sectors_of(table))
+    batch_engine.update(ds.time.values.view(np.int64), {k: ds[k].values for k in names}, start=0)
+    keep = len(live.times)
+    assert keep < len(batch_engine.times)  # the window was trimmed at the front
+    assert len(set(sectors_of(table))) > 5 and UNKNOWN_SECTOR not in live.sector_names
+    np.testing.assert_array_equal(live.times, batch_engine.times[-keep:])
+    b = batch_engine.breadth()
+    assert (b["advancers"] + b["decliners"]).sum() > 0  # the session rolled over at midnight
+    for k, v in live.breadth().items():
+        np.testing.assert_allclose(v, b[k][-keep:], rtol=1e-12, atol=1e-12, err_msg=k)
+    for k, v in live.sectors()[1].items():
+        np.testing.assert_allclose(v, batch_engine.sectors()[1][k][-keep:], rtol=1e-12, atol=1e-15, err_msg=k)
