@@ -34,8 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.bars import BarConfig, BarEngine  # noqa: E402
-from flows.schema import NS, TIMEFRAMES, SymbolTable, TradeBatch  # noqa: E402
+from flows.bars import BarConfig, BarEngine
+from flows.schema import NS, TIMEFRAMES, SymbolTable, TradeBatch
 
 OUT = ROOT / "bench" / "out"
 SESSION_S = 23_400  # 6.5 h

@@ -28,10 +28,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.feeds.simulated import SimulatedMarket  # noqa: E402
-from flows.pipeline import Flow, FlowConfig  # noqa: E402
-from flows.schema import NS, Quarantine  # noqa: E402
-from flows.store import writer_dir  # noqa: E402
+from flows.feeds.simulated import SimulatedMarket
+from flows.pipeline import Flow, FlowConfig
+from flows.schema import NS, Quarantine
+from flows.store import writer_dir
 
 OUT = ROOT / "bench" / "out"
 

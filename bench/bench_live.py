@@ -35,10 +35,10 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.feeds.simulated import SimulatedMarket  # noqa: E402
-from flows.pipeline import Flow, FlowConfig  # noqa: E402
-from flows.schema import NS  # noqa: E402
-from flows.store import writer_dir  # noqa: E402
+from flows.feeds.simulated import SimulatedMarket
+from flows.pipeline import Flow, FlowConfig
+from flows.schema import NS
+from flows.store import writer_dir
 
 OUT = ROOT / "bench" / "out"
 SESSION_S = 23_400.0
@@ -133,14 +133,14 @@ def run(rate: float, seconds: float, n_symbols: int, batch_ms: int, flush_interv
     return {
         "rate": rate, "batch_ms": batch_ms, "seconds": seconds, "symbols": n_symbols,
         "trades": int(size_s.sum()), "batches": int(steady.sum()),
-        "offered_per_s": float(size_s.sum() / (seconds if span != span else max(span, 1e-9))),
+        "offered_per_s": float(size_s.sum() / (seconds if np.isnan(span) else max(span, 1e-9))),
         "achieved_per_s": float(size_a.sum() / wall),
         "p50_ms": p50, "p99_ms": p99, "p999_ms": p999, "max_ms": float(lat_s.max() / 1e6),
         "batch_p50_ms": float(np.percentile(lat_s, 50) / 1e6),
         "lag_end_s": float(lag_a[-1] / NS), "lag_max_s": float(lag_a.max() / NS),
         "rss_start_mb": float(after[0, 1]), "rss_end_mb": float(after[-1, 1]),
         "rss_peak_mb": float(rss[:, 1].max()), "rss_slope_mb_per_min": float(slope),
-        "flushes": int(len(flow.stats.flush_ms)),
+        "flushes": len(flow.stats.flush_ms),
         "flush_p50_ms": float(np.nanpercentile(flush, 50)),
         "flush_p99_ms": float(np.nanpercentile(flush, 99)), "flush_max_ms": float(np.nanmax(flush)),
         "reconciles": flow.counters.reconciles(), "quarantined": flow.counters.quarantined_total,

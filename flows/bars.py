@@ -227,7 +227,9 @@ class BarFrame:
         if rows <= cap and n_sym <= old_sym:
             return
         new_cap = max(cap, rows if rows <= cap else max(rows, 2 * cap))
-        new_sym = max(old_sym, n_sym if n_sym <= old_sym else max(n_sym, 2 * old_sym))
+        # Symbols grow by a quarter, in steps of 64: doubling 498 columns for two late, quiet
+        # symbols would double the memory of every timeframe.
+        new_sym = old_sym if n_sym <= old_sym else -(-max(n_sym, old_sym + old_sym // 4) // 64) * 64
         f, k = _empty_state(new_cap, new_sym)
         f[:, : self.n, :old_sym] = self.f[:, : self.n]
         k[:, : self.n, :old_sym] = self.k[:, : self.n]
@@ -322,7 +324,8 @@ class BarEngine:
     def __init__(self, symbols: SymbolTable, config: BarConfig | None = None):
         self.symbols = symbols
         self.config = config or BarConfig()
-        cap = self.config.history + self.config.history // 2 + 8
+        # Rows grow on demand (doubling): a day of 1d bars needs one row, not history * 1.5.
+        cap = min(64, self.config.history + self.config.history // 2 + 8)
         self.frames = {tf: BarFrame(tf, max(len(symbols), 1), cap) for tf in self.config.timeframes}
         #: newest 1m bar time seen (the open bar); ``None`` before the first trade.
         self.open_minute: int | None = None

@@ -242,9 +242,11 @@ class Flow:
                 first = int(np.searchsorted(times, amendable - amendable % TIMEFRAMES[tf]))
                 value = value[first:] if part == "times" else value[:, first:]
             arrays[f"engine/{key}"] = value
-        dedupe = self.validator.deduper.state()
+        # The newest keys (not the highest: keys sort by symbol code first), without sorting
+        # all ~5M of them under the lock.
+        dedupe = self.validator.deduper.state(newest=self.config.checkpoint_keys)
         arrays["dedupe/hwm"] = dedupe["hwm"]
-        arrays["dedupe/keys"] = dedupe["keys"][-self.config.checkpoint_keys:]
+        arrays["dedupe/keys"] = dedupe["keys"]
         meta = {"symbols": list(self.table.names), "counters": self.counters.to_dict(),
                 "positions": dict(self.positions), "saved_at": time.time()}
         return arrays, meta

@@ -272,6 +272,10 @@ def _symbol_codes(arr: pa.Array, symbols: SymbolTable) -> tuple[np.ndarray, np.n
 
 
 def _sides(arr: pa.Array) -> np.ndarray:
+    if pa.types.is_dictionary(arr.type):  # map the few distinct values, not every row
+        lut = np.append(_sides(arr.dictionary), np.int8(0))
+        idx = pc.fill_null(arr.indices.cast(pa.int64()), len(arr.dictionary))
+        return lut[idx.to_numpy(zero_copy_only=False)]
     if not (_is_text(arr) or pa.types.is_dictionary(arr.type)):
         vals = pc.fill_null(arr.cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False)
         return np.sign(np.nan_to_num(vals)).astype(np.int8)
@@ -314,7 +318,8 @@ class _ChunkParser:
         side = _sides(col["side"]) if "side" in col else np.zeros(n, dtype=np.int8)
         if "recv_time" in col:
             recv, bad_recv = self.recv(col["recv_time"])
-            recv[bad_recv | _missing(col["recv_time"])] = 0  # optional: unknown, not rejected
+            # optional: unknown, not rejected (np.where: Arrow timestamps come back read-only)
+            recv = np.where(bad_recv | _missing(col["recv_time"]), 0, recv)
         else:
             recv = np.zeros(n, dtype=np.int64)
 
@@ -448,7 +453,8 @@ def _iter_parquet(p: Path, symbols: SymbolTable, time_unit: str | None, batch_ro
                   bars: bool = False) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
     schema = _open_parquet(p).schema_arrow
     names = _columns(p, schema.names, bars)
-    as_dict = [names["symbol"]] if pa.types.is_string(schema.field(names["symbol"]).type) else None
+    as_dict = [names[c] for c in ("symbol", "side")
+               if c in names and pa.types.is_string(schema.field(names[c]).type)] or None
     return _parquet_chunks(p, pq.ParquetFile(str(p), read_dictionary=as_dict), names, symbols,
                            time_unit, batch_rows, bars)
 
