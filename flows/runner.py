@@ -139,6 +139,8 @@ def replay_files(flow: Flow, paths: list[str], fmt: str | None = None, time_unit
 
     summary = ReplaySummary()
     t0 = time.perf_counter()
+    flush_every = max(flow.config.flush_interval_s, 2.0)
+    next_flush = time.monotonic() + flush_every
     flow.feed_state = "REPLAY"
     for name in paths:
         path = check_readable(name)
@@ -162,6 +164,9 @@ def replay_files(flow: Flow, paths: list[str], fmt: str | None = None, time_unit
                 flow.push_bars(bars, batch, unparsed, source=key, rows=rows)
             else:
                 flow.push(batch, unparsed, source=key, rows=rows)
+            if time.monotonic() >= next_flush:  # persist as we go: memory stays bounded
+                flow.flush()
+                next_flush = time.monotonic() + flush_every
             summary.rows += rows
             if progress is not None:
                 elapsed = time.perf_counter() - t0

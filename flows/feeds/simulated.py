@@ -332,7 +332,9 @@ class SimulatedMarket:
         self._log_mid = np.log(self._price0)
         self._logvol = rng.normal(0, _LOGVOL_SD, n)
         self._regime = 1
-        self._next_id = rng.integers(10**5, 10**7, n).astype(np.int64)
+        # Ids start from the tape's start time (about 1.8e12 in 2026): a market restarted later
+        # on the same store continues above the ids it used before, so none is a duplicate.
+        self._next_id = self.start_ns // NS * 1000 + rng.integers(0, 1000, n).astype(np.int64)
         self._pending_t = np.empty(0, np.int64)
         self._pending_s = np.empty(0, np.int64)
         self._cursor = self.start_ns
@@ -387,6 +389,11 @@ class SimulatedMarket:
         order = np.argsort((sym << 43) | (t - t0))
         t, sym = t[order], sym[order]
         m = len(t)
+        if m == 0:  # a quiet second: mids still wander, no trades
+            self._log_mid += sigma * np.sqrt((t1 - t0) / NS) * rng.normal(size=n)
+            empty = np.empty(0, np.int64)
+            return (empty, self.codes[:0], np.empty(0), np.empty(0), empty.copy(),
+                    np.empty(0, np.int8), empty.copy())
         first = np.ones(m, dtype=bool)
         first[1:] = sym[1:] != sym[:-1]
         starts = np.flatnonzero(first)
