@@ -167,3 +167,30 @@ def test_restart_gives_the_rolling_window_its_history_back(tmp_path):
     second.close()
     # A restart that receives nothing leaves the store as it was.
     assert_bars_equal(dataset_to_frame(open_bars(tmp_path / "h.zarr", "1m").load()), stored)
+
+
+def test_direct_group_creation_matches_xarray_to_zarr(tmp_path):
+    # The writer creates groups itself (concurrently); it must be what xarray would write.
+    import json
+
+    import zarr
+    from zarr.core.sync import sync
+
+    from flows.bars import make_bars_dataset
+    from flows.store import _create_group, rows_encoding
+
+    rng = np.random.default_rng(0)
+    times = np.arange(70, dtype=np.int64) * 60_000_000_000 + 1_700_000_000_000_000_000
+    values = {k: rng.random((70, 3)) for k in ("open", "high", "low", "close", "volume", "vwap")}
+    values["trades"] = rng.integers(0, 5, (70, 3))
+    ds = make_bars_dataset(times, ["A", "BB", "CCC"], values)
+    ds["provisional"] = ("time", np.arange(70) == 69)
+    ds.to_zarr(tmp_path / "x.zarr", group="g", mode="w", zarr_format=3, consolidated=False,
+               encoding=rows_encoding(ds))
+    zarr.open_group(str(tmp_path / "d.zarr"), mode="w")
+    sync(_create_group(str(tmp_path / "d.zarr" / "g"), ds))
+    xr.testing.assert_identical(xr.open_zarr(tmp_path / "d.zarr", group="g", consolidated=False).load(),
+                                xr.open_zarr(tmp_path / "x.zarr", group="g", consolidated=False).load())
+    for name in ds.variables:
+        meta = [json.loads((tmp_path / s / "g" / name / "zarr.json").read_text()) for s in ("x.zarr", "d.zarr")]
+        assert meta[0] == meta[1], name
