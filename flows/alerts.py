@@ -394,8 +394,10 @@ class AlertLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps(a.to_dict(), allow_nan=False) + "\n" for a in alerts)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(lines)
+        with open(self.path, "ab") as fh:
+            if fh.tell() and _last_byte(self.path) != b"\n":
+                lines = "\n" + lines  # end a line a crash cut short, so it alone is lost
+            fh.write(lines.encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -415,6 +417,12 @@ class AlertLog:
             except (ValueError, KeyError, TypeError):
                 self.skipped += 1
         return out
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
 
 
 # -- the engine -------------------------------------------------------------------------------

@@ -381,7 +381,7 @@ class Cache:
     def _lookup(self, key: Hashable, now: float) -> Any:
         self._lookups += 1
         entry = self._entries.get(key)
-        if entry is not None and now > entry.expires:
+        if entry is not None and now >= entry.expires:
             self._drop(key, expired=True)
             entry = None
         if entry is None:

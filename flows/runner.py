@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import sys
 import threading
 import time
@@ -66,6 +67,33 @@ def start_simulated(flow: Flow, n_symbols: int = 100, rate: float = 2000.0, seed
     thread.stop = stop  # type: ignore[attr-defined]
     thread.start()
     return thread
+
+
+def prefetch(items, depth: int = 4):
+    """Iterate ``items`` in a background thread, ``depth`` ahead, so parsing the next batch
+    (Arrow decoding releases the GIL) overlaps folding this one."""
+    q: queue.Queue = queue.Queue(depth)
+    end = object()
+
+    def run() -> None:
+        try:
+            for item in items:
+                q.put(item)
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put(_Raised(exc))
+        finally:
+            q.put(end)
+
+    threading.Thread(target=run, name="tapeflow-prefetch", daemon=True).start()
+    while (item := q.get()) is not end:
+        if isinstance(item, _Raised):
+            raise item.exc
+        yield item
+
+
+@dataclass
+class _Raised:
+    exc: BaseException
 
 
 def check_readable(name: str) -> Path:
@@ -150,7 +178,7 @@ def replay_files(flow: Flow, paths: list[str], fmt: str | None = None, time_unit
                             bars=bars is not None)
         summary.files.append(name)
         skipped = 0
-        for batch, unparsed in replayer:
+        for batch, unparsed in prefetch(replayer):
             if stop is not None and stop.is_set():
                 break
             rows = len(batch) + len(unparsed)

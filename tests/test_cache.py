@@ -293,9 +293,9 @@ def test_stats_history_is_bounded_and_ordered():
 OPS = ["get"] * 3 + ["set"] * 3 + ["compute"] * 2 + ["contains", "expire", "invalidate", "tick"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 5), st.sampled_from([None, 1.0, 5.0])),
-                min_size=20, max_size=150))
+                min_size=20, max_size=100))
 def test_matches_a_reference_model(ops):
     """Replay random operations on the cache and on a plain list model of the semantics."""
     cache, clock = make(max_entries=4, ttl_s=3.0)
