@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--history", type=_positive_int, default=500, metavar="BARS",
                         help="bars per timeframe kept in memory (default: %(default)s)")
     common.add_argument("--fresh", action="store_true", help="delete the store first and start empty")
+    common.add_argument("--symbols-file", default=None, metavar="CSV",
+                        help="symbol metadata: a CSV with Symbol (or ticker), Name, Sector and "
+                             "optional Exchange columns (sectors feed the sector figures)")
 
     market = _Parser(add_help=False)
     market.add_argument("--feed", default="simulated", choices=["simulated"],
@@ -147,8 +150,20 @@ def _make_flow(args: argparse.Namespace, feed: str):
             raise UserError(f"--fresh: {store} does not look like a tapeflow store; not deleting it")
         shutil.rmtree(store)
         shutil.rmtree(writer_dir(store), ignore_errors=True)
-    return Flow(FlowConfig(store=str(store), timeframes=args.timeframes, window=args.window,
+    meta = {}
+    if args.symbols_file:
+        from flows.breadth import read_symbols_file
+
+        if not Path(args.symbols_file).is_file():
+            raise UserError(f"--symbols-file: {args.symbols_file}: no such file")
+        try:
+            meta = read_symbols_file(args.symbols_file)
+        except (KeyError, ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"--symbols-file: {args.symbols_file}: {exc}") from None
+    flow = Flow(FlowConfig(store=str(store), timeframes=args.timeframes, window=args.window,
                            history=args.history, feed=feed))
+    flow.table.meta.update(meta)
+    return flow
 
 
 def _install_sigterm() -> None:

@@ -310,6 +310,30 @@ class Flow:
             self.analytics.refresh()
             return self.analytics.sectors_dataset(tf)
 
+    def heatmap(self, tf: str) -> pd.DataFrame:
+        """Latest returns by sector (symbol, sector, name, return, volume) for a heatmap."""
+        from flows.breadth import heatmap_table
+
+        with self.lock:
+            self.analytics.refresh()
+            names = [self.table.meta.get(n, {}).get("name", "") for n in self.table.names]
+            return heatmap_table(self.analytics.breadth[tf], self.table.names, names)
+
+    def monitor(self) -> dict:
+        """Pipeline figures for the monitor: throughput, bar-stage time, flushes, store size."""
+        c, st = self.counters, self.stats
+        elapsed = max(time.perf_counter() - st.started, 1e-9)
+        flush = np.asarray(st.flush_ms, dtype=float)
+        return {
+            "received": c.received, "accepted": c.accepted, "batches": st.batches,
+            "trades_per_s": c.received / elapsed, "bar_stage_s": st.bar_seconds,
+            "flush_ms_p50": float(np.percentile(flush, 50)) if len(flush) else None,
+            "flush_ms_p99": float(np.percentile(flush, 99)) if len(flush) else None,
+            "last_flush": st.last_flush_wall, "flushes": len(flush),
+            "store": self.config.store,
+            "store_bytes": self.store.size_bytes() if self.store is not None else 0,
+        }
+
     def version(self) -> int:
         return self.engine.version
 

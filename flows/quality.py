@@ -84,7 +84,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from flows.schema import NO_ID, REASONS, TIMEFRAMES, Quarantine, TradeBatch
+from flows.schema import NO_ID, NS, REASONS, TIMEFRAMES, Quarantine, TradeBatch
 
 MINUTE = TIMEFRAMES["1m"]
 
@@ -159,9 +159,9 @@ class QualityConfig:
     ring: int = 50
     min_history: int = 20
     spike_k: float = 8.0
-    spike_min_rel: float = 0.005
-    volume_k: float = 8.0
-    volume_min_log: float = 0.25
+    spike_min_rel: float = 0.01
+    volume_k: float = 6.0
+    volume_min_log: float = 1.0
     quarantine_spikes: bool = False
     stale_k: float = 10.0
     stale_horizon_s: float = 1800.0
@@ -348,10 +348,10 @@ class QualityEngine:
         self.ring_price = np.full((s, c.ring), np.nan)
         self.ring_logsize = np.full((s, c.ring), np.nan)
         self.ring_n = np.zeros(s, np.int64)
-        # Normal gap: first/last trade time, decayed trade count at the last trade, trades.
-        self.first_time = np.zeros(s, np.int64)
+        # Normal gap: newest trade time, decayed sums of gaps and squared gaps, trades.
         self.last_time = np.zeros(s, np.int64)
-        self.decayed = np.zeros(s)
+        self.gap_sum = np.zeros(s)
+        self.gap_sq_sum = np.zeros(s)
         self.n_trades = np.zeros(s, np.int64)
         # Trade ids: high-water mark, consecutive pairs seen and those differing by one.
         self.id_hwm = np.full(s, NO_ID, np.int64)
@@ -370,9 +370,8 @@ class QualityEngine:
         self.symbol_feed = _grow_cols(self.symbol_feed, n, 0)
         self.ring_price = _grow_cols(self.ring_price.T, n, np.nan).T.copy()
         self.ring_logsize = _grow_cols(self.ring_logsize.T, n, np.nan).T.copy()
-        for name in ("ring_n", "first_time", "last_time", "n_trades", "id_pairs", "id_unit"):
+        for name in ("ring_n", "last_time", "n_trades", "id_pairs", "id_unit", "gap_sum", "gap_sq_sum"):
             setattr(self, name, _grow_cols(getattr(self, name), n, 0))
-        self.decayed = _grow_cols(self.decayed, n, 0.0)
         self.id_hwm = _grow_cols(self.id_hwm, n, NO_ID)
 
     def _feed(self, name: str) -> int:
@@ -540,32 +539,36 @@ class QualityEngine:
         return spike, spike_z, outlier, outlier_z
 
     def _learn_gaps(self, sym: np.ndarray, time: np.ndarray) -> None:
-        """Fold trades into each symbol's decayed trade count (its normal gap)."""
+        """Fold trades' gaps into each symbol's decayed sums of gap and squared gap."""
+        new = time > self.last_time[sym]  # late trades close no gap
+        sym, time = sym[new].astype(np.int64), time[new]
         if len(sym) == 0:
             return
-        sym = sym.astype(np.int64)
-        h = self.config.stale_horizon_s * 1e9
-        us = np.unique(sym)
-        first_seen = self.n_trades[us] == 0
-        newest = np.zeros(len(self.ring_n), np.int64)
-        np.maximum.at(newest, sym, time)
-        oldest = np.full(len(self.ring_n), np.iinfo(np.int64).max)
-        np.minimum.at(oldest, sym, time)
-        self.first_time[us[first_seen]] = oldest[us[first_seen]]
-        t_new = np.maximum(self.last_time, newest)
-        decay = np.exp(-(t_new[us] - self.last_time[us]) / h)
-        self.decayed[us] *= np.where(first_seen, 0.0, decay)
-        np.add.at(self.decayed, sym, np.exp(-(t_new[sym] - time) / h))
-        self.last_time[us] = t_new[us]
-        self.n_trades[us] += np.bincount(sym, minlength=len(self.ring_n))[us]
+        order = np.lexsort((time, sym))
+        s, t = sym[order], time[order]
+        first = np.ones(len(s), bool)
+        first[1:] = s[1:] != s[:-1]
+        prev = np.empty(len(s), np.int64)
+        prev[1:] = t[:-1]
+        prev[first] = self.last_time[s[first]]
+        gap = np.where(prev > 0, t - prev, 0).astype(np.float64)
+        last = np.append(np.flatnonzero(first)[1:] - 1, len(s) - 1)
+        us, t_new = s[last], t[last]
+        h = self.config.stale_horizon_s * NS
+        decay = np.exp(-(t_new - self.last_time[us]) / h)
+        self.gap_sum[us] *= decay
+        self.gap_sq_sum[us] *= decay
+        w = np.exp(-(np.repeat(t_new, np.diff(np.append(np.flatnonzero(first), len(s)))) - t) / h)
+        np.add.at(self.gap_sum, s, w * gap)
+        np.add.at(self.gap_sq_sum, s, w * gap * gap)
+        self.last_time[us] = t_new
+        self.n_trades[us] += np.diff(np.append(np.flatnonzero(first), len(s)))
 
     def normal_gap(self) -> np.ndarray:
-        """Each symbol's normal time between trades (ns; NaN before ``stale_min_trades``)."""
-        h = self.config.stale_horizon_s * 1e9
-        e = np.exp(-(self.last_time - self.first_time) / h)
-        armed = (self.n_trades >= self.config.stale_min_trades) & (self.decayed - e > 0)
+        """Each symbol's normal gap between trades (ns; NaN before ``stale_min_trades``)."""
+        armed = (self.n_trades >= self.config.stale_min_trades) & (self.gap_sum > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(armed, h * (1 - e) / (self.decayed - e), np.nan)
+            return np.where(armed, self.gap_sq_sum / self.gap_sum, np.nan)
 
     def _id_gaps(self, accepted: TradeBatch) -> tuple[np.ndarray, QualityFlags, list]:
         """Missing ids revealed by each accepted trade; learn which symbols are sequential."""

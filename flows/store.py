@@ -477,6 +477,10 @@ class BarStore:
             return None
         return float(zarr.open_array(str(self.path / key / name), mode="r")[row])
 
+    def size_bytes(self) -> int:
+        """Bytes the store takes on disk."""
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
     def write_symbol_meta(self) -> None:
         """Record symbol metadata (sector, name, exchange) in the root attributes."""
         meta = {n: self.symbols.meta.get(n, {}) for n in self.symbols.names}
