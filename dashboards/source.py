@@ -1,19 +1,23 @@
-"""What the dashboards read: the :class:`BarSource` protocol and an in-memory implementation.
+"""What the dashboards read: the :class:`BarSource` and :class:`MarketSource` protocols and an
+in-memory implementation.
 
-The flow (``flows.pipeline``) implements :class:`BarSource`; dashboards use nothing else of it.
+The flow (``flows.pipeline``) implements both; dashboards use nothing else of it.
 :class:`FrameSource` holds bars in pandas DataFrames, for tests, notebooks and demos; its
 ``upsert`` and ``simulate`` mimic a live flow (the forming bar changes in place, new bars are
-appended).
+appended), and it derives breadth, sector, heatmap, indicator and monitor figures from its bars
+with the flow's shapes (synthetic but consistent: the heatmap's advancers are the breadth's).
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
+import xarray as xr
 
 from flows.schema import BAR_FIELDS, TIMEFRAMES
 
@@ -54,6 +58,43 @@ class BarSource(Protocol):
     def status(self) -> dict:
         """Return at least ``feed``, ``state`` (str) and ``received``, ``accepted``,
         ``quarantined``, ``duplicates`` (int)."""
+
+
+@runtime_checkable
+class MarketSource(BarSource, Protocol):
+    """A :class:`BarSource` that also serves the flow's market-wide analytics and its monitor
+    figures (the market and monitor pages read these). All are snapshots: safe to keep."""
+
+    def indicators(self, tf: str) -> xr.Dataset:
+        """Return indicators over ``time × symbol`` (``sma_20`` ..., and ``provisional(time)``)."""
+
+    def breadth(self, tf: str) -> xr.Dataset:
+        """Return breadth over ``time``: ``advancers decliners unchanged ad_line new_highs
+        new_lows pct_above_sma_50 pct_above_sma_200 up_volume down_volume mcclellan``."""
+
+    def sectors(self, tf: str) -> xr.Dataset:
+        """Return sector figures over ``time × sector``: ``return return_vw advancers decliners
+        unchanged volume``."""
+
+    def heatmap(self, tf: str) -> pd.DataFrame:
+        """Return the latest row's ``symbol sector name return volume``, one row per symbol that
+        traded in the session (``return`` is NaN without a reference close)."""
+
+    def monitor(self) -> dict:
+        """Return pipeline figures: at least ``received`` (int), ``flush_ms_p50``,
+        ``flush_ms_p99`` (float or None), ``last_flush`` (epoch s, 0 if never) and
+        ``store_bytes`` (int)."""
+
+
+#: Columns of :meth:`MarketSource.heatmap`.
+HEATMAP_COLUMNS: tuple[str, ...] = ("symbol", "sector", "name", "return", "volume")
+#: Variables of :meth:`MarketSource.breadth`.
+BREADTH_VARIABLES: tuple[str, ...] = (
+    "advancers", "decliners", "unchanged", "ad_line", "new_highs", "new_lows",
+    "pct_above_sma_50", "pct_above_sma_200", "up_volume", "down_volume", "mcclellan")
+#: Variables of :meth:`MarketSource.sectors`.
+SECTOR_VARIABLES: tuple[str, ...] = (
+    "return", "return_vw", "advancers", "decliners", "unchanged", "volume")
 
 
 def empty_bars() -> pd.DataFrame:
@@ -123,8 +164,10 @@ class FrameSource:
         self._symbols = names
         self._meta = {k: dict(v) for k, v in (meta or {}).items()}
         self._version = 0
+        self._changed_at = time.time()
         self._status = {"feed": feed, "state": "LIVE", "received": 0, "accepted": 0,
-                        "quarantined": 0, "duplicates": 0}
+                        "quarantined": 0, "duplicates": 0, "quarantined_by_reason": {}}
+        self._wide_memo: tuple[tuple[str, int], dict[str, pd.DataFrame]] | None = None
 
     def symbols(self) -> list[str]:
         with self._lock:
@@ -149,6 +192,149 @@ class FrameSource:
     def status(self) -> dict:
         with self._lock:
             return dict(self._status)
+
+    # -- market analytics (MarketSource) ------------------------------------------------------
+    #
+    # Synthetic but consistent: each symbol's reference close (the flow's "previous session
+    # close") is the close of its first bar in the window, so returns, advancers, sectors and
+    # the heatmap all agree with one another and with the bars.
+
+    #: Optional cache (anything with ``get_or_compute(key, fn)`` and ``stats()``, such as
+    #: :class:`flows.cache.Cache`) for the wide frames the analytics derive from; the monitor
+    #: page charts its statistics. Without one a single frame set is memoized per version.
+    cache = None
+
+    def _wide(self, tf: str) -> dict[str, pd.DataFrame]:
+        """Return ``close high low volume`` as ``time × symbol`` frames (memoized per version)."""
+        key = (tf, self._version)
+        if self.cache is not None:
+            return self.cache.get_or_compute(("wide", *key), lambda: self._compute_wide(tf))
+        with self._lock:
+            if self._wide_memo is not None and self._wide_memo[0] == key:
+                return self._wide_memo[1]
+        wide = self._compute_wide(tf)
+        with self._lock:
+            self._wide_memo = (key, wide)
+        return wide
+
+    def _compute_wide(self, tf: str) -> dict[str, pd.DataFrame]:
+        with self._lock:
+            per_symbol = {s: f for s, f in self._bars.get(tf, {}).items() if not f.empty}
+            names = [s for s in self._symbols if s in per_symbol]
+        index = pd.DatetimeIndex(np.empty(0, "datetime64[ns]"), name="time")
+        wide = {}
+        for field in ("close", "high", "low", "volume"):
+            if names:
+                frame = pd.concat({s: per_symbol[s][field] for s in names}, axis=1).sort_index()
+            else:
+                frame = pd.DataFrame(index=index, columns=pd.Index([], name="symbol"), dtype=float)
+            frame.columns.name = "symbol"
+            wide[field] = frame
+        return wide
+
+    def _returns(self, close: pd.DataFrame) -> pd.DataFrame:
+        return close / close.bfill().iloc[0] - 1.0 if len(close) else close
+
+    def indicators(self, tf: str) -> xr.Dataset:
+        """Return SMAs (20/50/200), EMAs (12/26) and ``volume_sma_20`` over each symbol's bars,
+        and ``provisional`` (true on the last row)."""
+        wide = self._wide(tf)
+        close, volume = wide["close"], wide["volume"]
+        out = {}
+        for n in (20, 50, 200):
+            out[f"sma_{n}"] = close.apply(lambda c, n=n: c.dropna().rolling(n).mean())
+        for n in (12, 26):
+            out[f"ema_{n}"] = close.apply(
+                lambda c, n=n: c.dropna().ewm(span=n, adjust=False, min_periods=n).mean())
+        out["volume_sma_20"] = volume.where(close.notna()).apply(
+            lambda v: v.dropna().rolling(20).mean())
+        data = {k: (("time", "symbol"), v.reindex(close.index).to_numpy(dtype=float))
+                for k, v in out.items()}
+        data["provisional"] = ("time", np.arange(len(close)) == len(close) - 1)
+        return xr.Dataset(data, coords={"time": close.index.values,
+                                        "symbol": np.array(close.columns, dtype=object)})
+
+    def breadth(self, tf: str) -> xr.Dataset:
+        """Return breadth over ``time`` (see :class:`MarketSource`), from the bars."""
+        wide = self._wide(tf)
+        close, high, low, volume = wide["close"], wide["high"], wide["low"], wide["volume"]
+        ret = self._returns(close)
+        adv, dec, unch = ret > 0, ret < 0, ret == 0
+        net = (adv.sum(axis=1) - dec.sum(axis=1)).astype("int64")
+        prior_high = high.rolling(20, min_periods=1).max().shift(1)
+        prior_low = low.rolling(20, min_periods=1).min().shift(1)
+        data = {
+            "advancers": adv.sum(axis=1).astype("int64"),
+            "decliners": dec.sum(axis=1).astype("int64"),
+            "unchanged": unch.sum(axis=1).astype("int64"),
+            "ad_line": net.cumsum(),
+            "new_highs": (high > prior_high).sum(axis=1).astype("int64"),
+            "new_lows": (low < prior_low).sum(axis=1).astype("int64"),
+            "up_volume": volume.where(adv).sum(axis=1).astype(float),
+            "down_volume": volume.where(dec).sum(axis=1).astype(float),
+            "mcclellan": (net.ewm(span=19, adjust=False).mean()
+                          - net.ewm(span=39, adjust=False).mean()),
+        }
+        for n in (50, 200):
+            sma = close.rolling(n).mean()
+            defined = sma.notna().sum(axis=1)
+            above = (close > sma).sum(axis=1)
+            data[f"pct_above_sma_{n}"] = (100.0 * above / defined.where(defined > 0)).astype(float)
+        return xr.Dataset({k: ("time", data[k].to_numpy()) for k in BREADTH_VARIABLES},
+                          coords={"time": close.index.values})
+
+    def _sector_of(self, symbols: Sequence[str]) -> np.ndarray:
+        return np.array([self._meta.get(s, {}).get("sector") or "Unknown" for s in symbols],
+                        dtype=object)
+
+    def sectors(self, tf: str) -> xr.Dataset:
+        """Return sector figures over ``time × sector`` (see :class:`MarketSource`)."""
+        wide = self._wide(tf)
+        close, volume = wide["close"], wide["volume"]
+        ret = self._returns(close)
+        sector = self._sector_of(list(close.columns))
+        names = sorted(set(sector))
+        dollars = (close * volume).where(ret.notna())
+        out: dict[str, list[np.ndarray]] = {k: [] for k in SECTOR_VARIABLES}
+        for name in names:
+            cols = close.columns[sector == name]
+            r, d = ret[cols], dollars[cols]
+            out["return"].append(r.mean(axis=1).to_numpy())
+            out["return_vw"].append(((r * d).sum(axis=1) / d.sum(axis=1).where(lambda x: x > 0))
+                                    .to_numpy())
+            out["advancers"].append((r > 0).sum(axis=1).to_numpy())
+            out["decliners"].append((r < 0).sum(axis=1).to_numpy())
+            out["unchanged"].append((r == 0).sum(axis=1).to_numpy())
+            out["volume"].append(volume[cols].sum(axis=1).to_numpy(dtype=float))
+        n = len(close)
+        data = {k: (("time", "sector"), np.stack(v, axis=1) if v else np.empty((n, 0)))
+                for k, v in out.items()}
+        return xr.Dataset(data, coords={"time": close.index.values,
+                                        "sector": np.array(names, dtype=object)})
+
+    def heatmap(self, tf: str) -> pd.DataFrame:
+        """Return each symbol's latest return and its volume over the window, by sector."""
+        wide = self._wide(tf)
+        close, volume = wide["close"], wide["volume"]
+        symbols = list(close.columns)
+        last = self._returns(close).ffill().iloc[-1] if len(close) else pd.Series(dtype=float)
+        out = pd.DataFrame({
+            "symbol": np.array(symbols, dtype=object),
+            "sector": self._sector_of(symbols),
+            "name": np.array([self._meta.get(s, {}).get("name", "") for s in symbols],
+                             dtype=object),
+            "return": last.reindex(symbols).to_numpy(dtype=float),
+            "volume": volume.sum(axis=0).reindex(symbols).to_numpy(dtype=float),
+        }, columns=list(HEATMAP_COLUMNS))
+        return out.sort_values(["sector", "symbol"], kind="stable").reset_index(drop=True)
+
+    def monitor(self) -> dict:
+        """Return monitor figures in the flow's shape (flush times are a fixed demo value)."""
+        status = self.status()
+        return {"received": status["received"], "accepted": status["accepted"],
+                "batches": self._version, "flush_ms_p50": 1.0, "flush_ms_p99": 4.0,
+                "last_flush": self._changed_at, "flushes": self._version, "store": None,
+                "store_bytes": 0}
 
     def set_status(self, **fields: object) -> None:
         """Update the fields reported by :meth:`status` (e.g. ``state="STALE"``)."""
@@ -178,6 +364,7 @@ class FrameSource:
             self._status["received"] += len(new)
             self._status["accepted"] += len(new)
             self._version += 1
+            self._changed_at = time.time()
 
     def append(self, tf: str, symbol: str, rows: pd.DataFrame) -> None:
         """Add bars of ``symbol`` that are newer than its last one."""
@@ -307,4 +494,5 @@ def default_source() -> BarSource:
         return _default
 
 
-__all__ = ["BAR_COLUMNS", "BarSource", "FrameSource", "default_source", "empty_bars"]
+__all__ = ["BAR_COLUMNS", "BREADTH_VARIABLES", "HEATMAP_COLUMNS", "SECTOR_VARIABLES", "BarSource",
+           "FrameSource", "MarketSource", "default_source", "empty_bars"]

@@ -6,8 +6,12 @@ import param
 from flows.schema import TIMEFRAMES
 
 
+#: The app's pages, in navigation order: URL key -> label.
+PAGES: dict[str, str] = {"candles": "Candles", "market": "Market", "monitor": "Monitor"}
+
+
 class AppState(param.Parameterized):
-    """What the user is looking at: one symbol, one timeframe, a number of bars.
+    """What the user is looking at: a page, one symbol, one timeframe, a number of bars.
 
     Pages read and set these parameters; widgets are created from them by the pages, never
     stored here.
@@ -15,9 +19,12 @@ class AppState(param.Parameterized):
     Examples
     --------
     >>> state = AppState(symbol="AAPL", timeframe="5m")
-    >>> state.symbol, state.timeframe, state.lookback
-    ('AAPL', '5m', 200)
+    >>> state.symbol, state.timeframe, state.lookback, state.page
+    ('AAPL', '5m', 200, 'candles')
     """
+
+    page = param.Selector(default="candles", objects=list(PAGES), doc="""
+        Page shown by the app (the ``page`` URL query parameter).""")
 
     symbol = param.Selector(default=None, objects=[], check_on_set=False, allow_None=True, doc="""
         Symbol shown. Its objects are the symbols known to the source; a symbol the flow has

@@ -46,9 +46,9 @@ import os
 import re
 import threading
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -77,7 +77,7 @@ LOOKBACK = 64
 # -- rules ------------------------------------------------------------------------------------
 
 
-def parse_duration(text: str | int | float) -> int:
+def parse_duration(text: str | float) -> int:
     """Return a duration (``"15m"``, ``"4h"``; a number means seconds) in nanoseconds.
 
     Examples
@@ -105,7 +105,7 @@ def format_duration(ns: int) -> str:
 
 def _fmt_number(x: float) -> str:
     text = repr(float(x))
-    return text[:-2] if text.endswith(".0") else text
+    return text.removesuffix(".0")
 
 
 def _number(text: str, what: str) -> float:
@@ -236,7 +236,7 @@ class Rule:
         return hashlib.sha1(self.condition.encode()).hexdigest()[:12]
 
     @classmethod
-    def parse(cls, spec: "str | Mapping | Rule") -> "Rule":
+    def parse(cls, spec: str | Mapping | Rule) -> Rule:
         """Build a rule from its one-line text or a dict; raise ValueError naming the problem."""
         if isinstance(spec, Rule):
             return spec
@@ -247,7 +247,7 @@ class Rule:
             raise ValueError(f"bad alert rule {shown!r}: {exc}") from None
 
     @classmethod
-    def _from_text(cls, text: str) -> "Rule":
+    def _from_text(cls, text: str) -> Rule:
         tokens = text.split()
         if len(tokens) < 4:
             raise ValueError("expected 'SYMBOL FIELD OP VALUE [on TF] [cooldown D] [once] [forming]'")
@@ -295,7 +295,7 @@ class Rule:
         return cls(**kw)
 
     @classmethod
-    def _from_dict(cls, spec: Mapping) -> "Rule":
+    def _from_dict(cls, spec: Mapping) -> Rule:
         if "rule" in spec:  # {"rule": "one-line text"}
             extra = set(spec) - {"rule"}
             if extra:
@@ -372,7 +372,7 @@ class Alert:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "Alert":
+    def from_dict(cls, d: Mapping) -> Alert:
         return cls(**{**d, "time": _time(d["time"]), "fired_at": _time(d["fired_at"]),
                       "value": np.nan if d["value"] is None else float(d["value"]),
                       "threshold": np.nan if d["threshold"] is None else float(d["threshold"])})
@@ -483,7 +483,7 @@ class AlertEngine:
                 self.recent.append(alert)
 
     @classmethod
-    def open(cls, rules_path: str | os.PathLike, log_path: str | os.PathLike, **kw) -> "AlertEngine":
+    def open(cls, rules_path: str | os.PathLike, log_path: str | os.PathLike, **kw) -> AlertEngine:
         """An engine with the rules of ``rules_path`` (if it exists) and the state of ``log_path``."""
         path = Path(rules_path)
         rules = load_rules(path) if path.exists() else []

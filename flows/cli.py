@@ -161,7 +161,7 @@ def _make_flow(args: argparse.Namespace, feed: str):
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             raise UserError(f"--symbols-file: {args.symbols_file}: {exc}") from None
     flow = Flow(FlowConfig(store=str(store), timeframes=args.timeframes, window=args.window,
-                           history=args.history, feed=feed))
+                           history=args.history, feed=feed, writer="process"))
     flow.table.meta.update(meta)
     return flow
 

@@ -20,11 +20,13 @@ import numpy as np
 import pandas as pd
 from streamz import Stream
 
+from flows.alerts import Alert, AlertEngine, analytics_values
 from flows.analytics import Analytics
 from flows.bars import BarConfig, BarEngine, empty_bars_frame
 from flows.schema import REASONS, TIMEFRAMES, BarBatch, Quarantine, SymbolTable, TradeBatch
-from flows.store import BarStore
+from flows.store import BarStore, writer_dir
 from flows.validate import Clock, Counters, ValidateConfig, Validator, wall_clock_ns
+from flows.writer import FlushJob, InlineWriter, WriterProcess
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ class FlowConfig:
     history : bars per timeframe kept in memory.
     flush_interval_s : how often the writer thread persists changes (and analytics refresh).
     max_future_s : trades stamped further ahead of the clock are quarantined.
+    analytics : compute indicators, breadth and sectors.
+    writer : ``"inline"`` (a flush has landed when :meth:`Flow.flush` returns) or
+        ``"process"`` (a child process writes the store: nothing of the Zarr work competes
+        with the hot path for the GIL; what the CLI uses).
     """
 
     store: str | None = "data/market.zarr"
@@ -50,6 +56,14 @@ class FlowConfig:
     feed: str = "simulated"
     checkpoint_keys: int = 200_000
     analytics: bool = True
+    #: alert rules (YAML); None: ``alerts.yaml`` in the store's writer folder (no rules file
+    #: without a store). Fired alerts are kept in ``alerts.jsonl`` beside the rules.
+    alerts: str | None = None
+    writer: str = "inline"
+
+    def __post_init__(self) -> None:
+        if self.writer not in ("inline", "process"):
+            raise ValueError(f"writer must be 'inline' or 'process', got {self.writer!r}")
 
     def bar_config(self) -> BarConfig:
         return BarConfig(timeframes=self.timeframes, window=self.window, history=self.history)
@@ -63,6 +77,7 @@ class StageStats:
     started: float = field(default_factory=time.perf_counter)
     bar_seconds: float = 0.0
     flush_ms: deque = field(default_factory=lambda: deque(maxlen=1000))
+    snapshot_ms: deque = field(default_factory=lambda: deque(maxlen=1000))
     last_flush_wall: float = 0.0
 
 
@@ -116,6 +131,14 @@ class Flow:
                     if tail is not None:
                         self.engine.preload(tf, *tail)
         self.resumed = checkpoint is not None
+        self.writer = None
+        if self.store is not None:
+            if self.config.writer == "process":
+                self.store.close()  # the child takes the writer lock over
+                self.writer = WriterProcess(str(self.store.path), self.store.timeframes)
+            else:
+                self.writer = InlineWriter(self.store)
+        self._meta_sent: tuple = ()
         self.analytics = Analytics(self.engine, self.table) if self.config.analytics else None
         if self.analytics is not None and self.resumed and self.store is not None:
             restored = {tf: int(f.dirty_from) for tf, f in self.engine.frames.items() if f.n}
@@ -137,6 +160,19 @@ class Flow:
             "bars": accepted.map(self._fold, stream_name="bars"),
         }
         self.taps["bars"].sink(lambda _: None)
+        #: alert rules and fired alerts (``taps["alerts"]`` emits each one).
+        self.alerts = self._open_alerts() if self.analytics is not None else None
+        if self.alerts is not None:
+            self.taps["alerts"] = self.alerts.stream
+
+    def _open_alerts(self) -> AlertEngine:
+        if self.config.alerts is not None:
+            rules = Path(self.config.alerts)
+        elif self.config.store is not None:
+            rules = writer_dir(self.config.store) / "alerts.yaml"
+        else:
+            return AlertEngine()  # in memory: rules added at runtime, nothing kept
+        return AlertEngine.open(rules, rules.with_name("alerts.jsonl"))
 
     # -- the hot path -------------------------------------------------------------------------
 
@@ -209,27 +245,43 @@ class Flow:
     # -- persistence --------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Persist changed bars, new quarantine records and a checkpoint."""
-        if self.store is None:
+        """Persist changed bars and analytics, new quarantine records and a checkpoint."""
+        if self.writer is None:
             return
         t0 = time.perf_counter()
+        fired: list[Alert] = []
         with self.lock:  # take a consistent snapshot, write outside the lock
             changes = {f"bars/{tf}": self.engine.take_changes(tf) for tf in self.engine.frames}
             if self.analytics is not None:
                 self.analytics.refresh()
                 for tf in self.engine.frames:
-                    changes.update(self.analytics.take_changes(tf) or {})
-            quarantine = Quarantine.concat(self._pending_quarantine)
+                    changed = self.analytics.take_changes(tf) or {}
+                    changes.update(changed)
+                    if self.alerts is not None and changed and self.alerts.rules:
+                        fired += self._evaluate_alerts(tf, changed[f"indicators/{tf}"])
+            job = FlushJob(rows={k: v for k, v in changes.items() if v is not None},
+                           quarantine=Quarantine.concat(self._pending_quarantine),
+                           checkpoint=self._checkpoint_state())
             self._pending_quarantine = []
-            arrays, meta = self._checkpoint_state()
-        self.store.write_symbol_meta()
-        for key, ds in changes.items():
-            self.store.write_rows(key, ds)
-        self.store.write_quarantine(quarantine)
-        self.store.publish()
-        self.store.save_checkpoint(arrays, meta)
-        self.stats.flush_ms.append((time.perf_counter() - t0) * 1000)
+            names = self.table.names
+            if (len(names), len(self.table.meta)) != self._meta_sent:
+                job.symbols, job.meta = names, {n: dict(self.table.meta.get(n, {})) for n in names}
+                self._meta_sent = (len(names), len(self.table.meta))
+        self.writer.submit(job)
+        if self.alerts is not None:
+            self.alerts.emit(fired)  # subscribers run outside the flow lock
+        self.stats.flush_ms.extend(self.writer.drain())
+        self.stats.snapshot_ms.append((time.perf_counter() - t0) * 1000)
         self.stats.last_flush_wall = time.time()
+
+    def _evaluate_alerts(self, tf: str, changed: "xr.Dataset") -> list[Alert]:
+        """Evaluate the alert rules of ``tf`` from its first changed row (logged, not yet emitted)."""
+        if not changed.sizes["time"]:
+            return []
+        times, values, provisional = analytics_values(self.analytics, tf)
+        since = changed["time"].values.astype("datetime64[ns]").view(np.int64)[0]
+        start = int(np.searchsorted(times, since))
+        return self.alerts.evaluate(tf, times, values, self.table.names, start, provisional, emit=False)
 
     def _checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict]:
         engine = self.engine.state()
@@ -253,7 +305,7 @@ class Flow:
 
     def start_flusher(self) -> None:
         """Persist in a background thread every ``flush_interval_s`` (off the hot path)."""
-        if self.store is None or self._flusher is not None:
+        if self.writer is None or self._flusher is not None:
             return
 
         def loop() -> None:
@@ -269,9 +321,11 @@ class Flow:
         if self._flusher is not None:
             self._flusher.join()
             self._flusher = None
-        if self.store is not None:
+        if self.writer is not None:
             self.flush()
-            self.store.close()
+            self.writer.close()
+            self.stats.flush_ms.extend(self.writer.drain())
+            self.writer = None
 
     # -- the dashboards' BarSource protocol ---------------------------------------------------
 

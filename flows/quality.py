@@ -36,26 +36,34 @@ with the weights of :data:`WEIGHTS` (``ohlc`` 1.0; ``rejected``, ``spike``, ``id
 component at weight 0.5 halves the score, a broken bar alone zeroes it. Clean data scores
 exactly 100 in every component, and so does a cell where nothing happened.
 
-Robust deviation: ``|x - median| / max(1.4826 * MAD, floor)`` over the symbol's last
-``ring`` accepted trades (before the batch), with a floor of ``spike_min_rel * median`` for
-prices and ``volume_min_log`` for log sizes, so a quiet tape (MAD 0) does not make every
-tick a spike. Spikes and volume outliers are soft anomalies: they are flagged (a record per
+Robust deviation: ``|x - median| / max(1.4826 * MAD, floor)`` against the median and MAD of
+the symbol's last ``ring`` accepted trades (recomputed every ``ring // 2`` trades), with a floor
+of ``spike_min_rel * median`` for prices and ``volume_min_log`` for log sizes, so a quiet tape
+(MAD 0) does not make every tick a spike. With the defaults a spike moves at least 8 % from the
+recent median in one print, and a volume outlier is at least ``e**6`` (~400) times the median
+size: a seeded simulated day with news jumps and bursts raises none. A genuine one-print move
+that large (news) is flagged too -- a level shift cannot be told from a bad print without
+waiting for the next trades. Spikes and volume outliers are soft anomalies: they are flagged (a record per
 trade, see :class:`QualityFlags`) and stay in the bars, as exchanges keep them; with
 ``quarantine_spikes`` :meth:`QualityEngine.observe` also returns the mask of accepted trades
 to move to the quarantine instead.
 
-Which bar an event is charged to: the bar of its event time while that bar can still change
-(inside the window of :class:`flows.bars.BarConfig`); events with no usable event time
-(``bad_time``, ``future_time``, unparsable payloads) or older than the window (``too_late``)
-are charged to the open bar when they arrived -- the feed delivered them then -- so quality
-rows older than the window never change. Records without a symbol (unparsable, unknown
-symbol) count towards their feed's score only.
+Which bar an event is charged to: the bar of its event time when that minute lies between the
+start of the window (as the batch arrived; the window of :class:`flows.bars.BarConfig`) and the
+open bar; any other event -- no usable event time (``bad_time``, ``future_time``, unparsable
+payloads), older than the window (``too_late``) -- is charged to the open bar: the feed
+delivered it then. The rule depends on the time alone, so a received trade, its quarantine
+record or its accepted row always land in the same cell, and quality rows older than the window
+never change. Records without a symbol (unparsable, unknown symbol) count towards their feed's
+score only. Events before the first accepted trade wait for the first open bar.
 
-Normal gap (staleness): ``H * (1 - exp(-T/H)) / (S - exp(-T/H))`` where ``S`` is the symbol's
-trade count decayed with half-life-like horizon ``H = stale_horizon_s`` and ``T`` the time since
-its first trade: the mean time between trades over roughly the last ``H`` (bias-corrected
-while younger). Time-weighted, so a burst of trades does not shrink it the way an average of
-per-trade gaps would. A symbol is judged only after ``stale_min_trades`` trades.
+Normal gap (staleness): ``sum(w * g**2) / sum(w * g)`` over the symbol's gaps ``g`` between
+trades, weighted by ``w = exp(-age / H)``, ``H = stale_horizon_s``: the length of the gap a random
+moment falls into (a Poisson tape's is twice its mean gap). Weighting by the gap itself keeps
+bursts -- forty trades in three seconds -- from shrinking it, as an average per trade would, and
+so keeps bursty, thinly traded symbols from looking stale between bursts. A gap is learned capped
+at ``stale_k`` normal gaps (an outage is not a normal gap); a symbol is judged only after
+``stale_min_trades`` trades. Each bar row is judged with the normal gap as of the update.
 
 Id gaps: a symbol's ids are sequential once at least ``seq_min_pairs`` consecutive ids (in id
 order, as the high-water mark advances) were seen and more than half of them differ by exactly
@@ -77,14 +85,15 @@ The time axis holds the bar rows plus any bar in which only rejected records arr
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping, Sequence
 
+import numba
 import numpy as np
 import xarray as xr
 
-from flows.schema import NO_ID, NS, REASONS, TIMEFRAMES, Quarantine, TradeBatch
+from flows.schema import NO_ID, NS, TIMEFRAMES, Quarantine, TradeBatch
 
 MINUTE = TIMEFRAMES["1m"]
 
@@ -118,9 +127,6 @@ QUALITY_ATTRS = {
 # Counters per (row, symbol) and per (row, feed).
 _RECEIVED, _ACCEPTED, _REJECTED, _LATE, _TOO_LATE, _SPIKE, _OUTLIER, _MISSING, _WITH_ID = range(9)
 _N_COUNTERS = 9
-_TOO_LATE_REASON = REASONS.index("too_late")
-_UNTIMED_REASONS = np.array([REASONS.index(r) for r in ("bad_time", "future_time", "malformed",
-                                                         "missing_field")], dtype=np.int8)
 
 
 @dataclass(frozen=True)
@@ -173,7 +179,7 @@ class QualityConfig:
                                      ("tolerances", self.tolerances, TOLERANCES)):
             unknown = set(given) - set(default)
             if unknown:
-                raise ValueError(f"unknown quality component in {name}: {sorted(unknown)[0]!r}")
+                raise ValueError(f"unknown quality component in {name}: {min(unknown)!r}")
             merged = {**default, **given}
             if any(not v >= 0 for v in merged.values()) or (name == "tolerances" and min(merged.values()) <= 0):
                 raise ValueError(f"quality {name} must be positive")
@@ -209,14 +215,14 @@ class QualityFlags:
         return len(self.reason)
 
     @classmethod
-    def of(cls, batch: TradeBatch, index: np.ndarray, reason: str, detail: np.ndarray) -> "QualityFlags":
+    def of(cls, batch: TradeBatch, index: np.ndarray, reason: str, detail: np.ndarray) -> QualityFlags:
         n = len(index)
         return cls(batch.time[index], batch.symbol[index], batch.trade_id[index], batch.price[index],
                    batch.size[index], np.full(n, FLAG_REASONS.index(reason), np.int8),
                    np.asarray(detail, dtype=np.float64))
 
     @classmethod
-    def concat(cls, parts: Sequence["QualityFlags"]) -> "QualityFlags":
+    def concat(cls, parts: Sequence[QualityFlags]) -> QualityFlags:
         parts = [p for p in parts if len(p)]
         if not parts:
             return cls()
@@ -248,11 +254,96 @@ def _grow_cols(a: np.ndarray, n: int, fill) -> np.ndarray:
     return out
 
 
-def _row_median(a: np.ndarray) -> np.ndarray:
-    """Median of each row, ignoring NaN (rings not yet full); no row is all NaN."""
-    if not np.isnan(a).any():
-        return np.median(a, axis=1)
-    return np.nanmedian(a, axis=1)
+@numba.njit(cache=True)
+def _robust(values: np.ndarray) -> tuple[float, float]:
+    """Median and 1.4826 x MAD of ``values``."""
+    med = np.median(values)
+    return med, 1.4826 * np.median(np.abs(values - med))
+
+
+@numba.njit(cache=True)
+def _scan(sym, time, tid, price, logsize, quarantine_spikes, spike_k, window_ns, open_minute,
+          ring_p, ring_v, ring_n, ref, ref_at, last, gap_sum, gap_sq, n_trades, hwm, pairs, unit,
+          min_history, refresh, min_rel, min_log, horizon_ns, stale_k, stale_min_trades, seq_min_pairs,
+          spike_z, outlier_z, late, too_late, missing, refill):
+    """One pass over accepted trades in arrival order: robust deviations against each symbol's
+    ring (refreshed every ``refresh`` trades), id gaps, lateness by the bar engine's rule
+    (running open bar) and the normal-gap sums. Returns (open minute, newest trade time)."""
+    n_ring = ring_p.shape[1]
+    newest = 0
+    for i in range(len(sym)):
+        s = sym[i]
+        n = ring_n[s]
+        if n >= min_history and (ref_at[s] < 0 or n - ref_at[s] >= refresh):
+            m = min(n, n_ring)
+            ref[s, 0], ref[s, 1] = _robust(ring_p[s, :m])
+            ref[s, 2], ref[s, 3] = _robust(ring_v[s, :m])
+            ref_at[s] = n
+        if ref_at[s] >= 0:
+            spike_z[i] = abs(price[i] - ref[s, 0]) / max(ref[s, 1], min_rel * abs(ref[s, 0]))
+            outlier_z[i] = (logsize[i] - ref[s, 2]) / max(ref[s, 3], min_log)
+        ring_p[s, n % n_ring] = price[i]
+        ring_v[s, n % n_ring] = logsize[i]
+        ring_n[s] = n + 1
+        if tid[i] >= 0:
+            if tid[i] > hwm[s]:
+                if hwm[s] >= 0:
+                    d = tid[i] - hwm[s]
+                    sequential = pairs[s] >= seq_min_pairs and 2 * unit[s] > pairs[s]
+                    pairs[s] += 1
+                    if d == 1:
+                        unit[s] += 1
+                    elif sequential:
+                        missing[i] = d - 1
+                hwm[s] = tid[i]
+            else:
+                refill[i] = True
+        if quarantine_spikes and spike_z[i] > spike_k:
+            continue  # not going to the bars
+        t = time[i]
+        minute = t - t % 60_000_000_000
+        if open_minute < 0:
+            open_minute = minute
+        if minute < open_minute - window_ns:
+            too_late[i] = True
+            continue
+        late[i] = minute < open_minute
+        open_minute = max(open_minute, minute)
+        newest = max(newest, t)
+        if t > last[s]:
+            if last[s] > 0:
+                g = float(t - last[s])
+                decay = np.exp(-g / horizon_ns)
+                if n_trades[s] >= stale_min_trades and gap_sum[s] > 0:
+                    g = min(g, stale_k * gap_sq[s] / gap_sum[s])  # an outage is not a normal gap
+                gap_sum[s] = gap_sum[s] * decay + g
+                gap_sq[s] = gap_sq[s] * decay + g * g
+            last[s] = t
+        n_trades[s] += 1
+    return open_minute, newest
+
+
+def _events(received: TradeBatch, accepted: TradeBatch, quarantine: Quarantine, late: np.ndarray,
+            too_late: np.ndarray, spike: np.ndarray, outlier: np.ndarray, missing: np.ndarray,
+            unparsed: Quarantine | None) -> tuple[np.ndarray, ...]:
+    """A batch's counts as events: (event time, symbol, counter, weight) arrays."""
+    a = accepted
+    parts = [(_RECEIVED, received.time, received.symbol, None),
+             (_ACCEPTED, a.time, a.symbol, None),
+             (_REJECTED, quarantine.time, quarantine.symbol, None),
+             (_LATE, a.time[late], a.symbol[late], None),
+             (_TOO_LATE, a.time[too_late], a.symbol[too_late], None),
+             (_SPIKE, a.time[spike], a.symbol[spike], None),
+             (_OUTLIER, a.time[outlier], a.symbol[outlier], None),
+             (_MISSING, a.time, a.symbol, missing),
+             (_WITH_ID, a.time, a.symbol, (a.trade_id >= 0).astype(np.int64))]
+    if unparsed is not None and len(unparsed):
+        parts += [(_RECEIVED, unparsed.time, unparsed.symbol, None),
+                  (_REJECTED, unparsed.time, unparsed.symbol, None)]
+    return (np.concatenate([t for _, t, _, _ in parts]),
+            np.concatenate([s for _, _, s, _ in parts]).astype(np.int64),
+            np.concatenate([np.full(len(t), k, np.int64) for k, t, _, _ in parts]),
+            np.concatenate([np.ones(len(t), np.int64) if w is None else w for _, t, _, w in parts]))
 
 
 class _Grid:
@@ -282,6 +373,8 @@ class _Grid:
 
     def rows_for(self, buckets: np.ndarray) -> np.ndarray:
         """Return the row of each bucket time, inserting rows for new ones."""
+        if len(self.times) and len(buckets) == 1 and buckets[0] == self.times[-1]:
+            return np.array([len(self.times) - 1])
         ub = np.unique(buckets)
         new = np.setdiff1d(ub, self.times, assume_unique=True)
         if len(new):
@@ -336,7 +429,7 @@ class QualityEngine:
 
     def __init__(self, config: QualityConfig | None = None, timeframes: Sequence[str] = tuple(TIMEFRAMES)):
         self.config = c = config or QualityConfig()
-        self.grids = {tf: _Grid(tf) for tf in timeframes}
+        self.grids = {tf: _Grid(tf) for tf in TIMEFRAMES if tf in timeframes or tf == "1m"}
         #: feed names in order of first appearance (the ``feed`` axis)
         self.feeds: list[str] = []
         #: newest 1m bar time seen (the open bar), as the bar engine tracks it
@@ -348,6 +441,8 @@ class QualityEngine:
         self.ring_price = np.full((s, c.ring), np.nan)
         self.ring_logsize = np.full((s, c.ring), np.nan)
         self.ring_n = np.zeros(s, np.int64)
+        self.ref = np.zeros((s, 4))  # median and scale of prices and of log sizes
+        self.ref_at = np.full(s, -1, np.int64)  # ring_n when ref was computed, -1 never
         # Normal gap: newest trade time, decayed sums of gaps and squared gaps, trades.
         self.last_time = np.zeros(s, np.int64)
         self.gap_sum = np.zeros(s)
@@ -360,6 +455,8 @@ class QualityEngine:
         #: open id gaps per symbol: [first missing, last missing, charge time]
         self.gaps: dict[int, list[list[int]]] = {}
         self._pending: list[tuple] = []  # events before the first accepted trade
+        # Per-minute counts not yet added to the higher timeframes: minute -> [cells, feeds, last].
+        self._unrolled: dict[int, list] = {}
 
     # -- observing batches ------------------------------------------------------------------
 
@@ -373,6 +470,8 @@ class QualityEngine:
         for name in ("ring_n", "last_time", "n_trades", "id_pairs", "id_unit", "gap_sum", "gap_sq_sum"):
             setattr(self, name, _grow_cols(getattr(self, name), n, 0))
         self.id_hwm = _grow_cols(self.id_hwm, n, NO_ID)
+        self.ref_at = _grow_cols(self.ref_at, n, -1)
+        self.ref = _grow_cols(self.ref.T, n, 0.0).T.copy()
 
     def _feed(self, name: str) -> int:
         if name not in self.feeds:
@@ -398,218 +497,133 @@ class QualityEngine:
         f = self._feed(feed)
         n_sym = 1 + max(int(received.symbol.max(initial=-1)), int(accepted.symbol.max(initial=-1)))
         self._symbols(n_sym)
-        if len(accepted):
-            self.symbol_feed[np.unique(accepted.symbol)] = f
-        spike, spike_z, outlier, outlier_z = self._soft_anomalies(accepted)
-        flags = [QualityFlags.of(accepted, np.flatnonzero(spike), "spike", spike_z[spike]),
-                 QualityFlags.of(accepted, np.flatnonzero(outlier), "volume_outlier", outlier_z[outlier])]
-        to_bars = ~spike if c.quarantine_spikes else np.ones(len(accepted), bool)
-        late, too_late, open_before = self._lateness(accepted.time[to_bars])
-        if self.open_minute is None:  # nothing accepted yet: charge to the first open bar
-            self._pending.append(self._events(received, accepted, quarantine, accepted.take(to_bars), late, too_late,
-                                              spike, outlier, np.zeros(len(accepted), np.int64), unparsed) + (f,))
-            return QualityReport(QualityFlags.concat(flags), spike if c.quarantine_spikes else None)
-        lo = (open_before if open_before is not None else self.open_minute) - (c.window - 1) * MINUTE
-        kept = accepted.take(to_bars)
-        in_bars = ~too_late
-        self._learn_gaps(kept.symbol[in_bars], kept.time[in_bars])
-        missing, id_flags, refills = self._id_gaps(accepted)
-        flags.append(id_flags)
-        self._charge(self._events(received, accepted, quarantine, kept, late, too_late, spike,
-                                  outlier, missing, unparsed), lo, f,
-                     kept.time[in_bars], kept.symbol[in_bars])
-        for sym, trade_id in refills:
-            self._refill(sym, trade_id)
-        self._expire_gaps(lo)
-        return QualityReport(QualityFlags.concat(flags), spike if c.quarantine_spikes else None)
-
-    @staticmethod
-    def _events(received, accepted, quarantine, kept, late, too_late, spike, outlier, missing,
-                unparsed) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The batch's counts as events: (event time, symbol, counter, weight) arrays."""
-        parts = [(_RECEIVED, received.time, received.symbol, None),
-                 (_ACCEPTED, accepted.time, accepted.symbol, None),
-                 (_REJECTED, quarantine.time, quarantine.symbol, None),
-                 (_LATE, kept.time[late], kept.symbol[late], None),
-                 (_TOO_LATE, kept.time[too_late], kept.symbol[too_late], None),
-                 (_SPIKE, accepted.time[spike], accepted.symbol[spike], None),
-                 (_OUTLIER, accepted.time[outlier], accepted.symbol[outlier], None),
-                 (_MISSING, accepted.time, accepted.symbol, missing),
-                 (_WITH_ID, accepted.time, accepted.symbol, (accepted.trade_id >= 0).astype(np.int64))]
-        if unparsed is not None and len(unparsed):
-            parts += [(_RECEIVED, unparsed.time, unparsed.symbol, None),
-                      (_REJECTED, unparsed.time, unparsed.symbol, None)]
-        return (np.concatenate([t for _, t, _, _ in parts]),
-                np.concatenate([s for _, _, s, _ in parts]).astype(np.int64),
-                np.concatenate([np.full(len(t), k, np.int64) for k, t, _, _ in parts]),
-                np.concatenate([np.ones(len(t), np.int64) if w is None else w for _, t, _, w in parts]))
-
-    def _charge(self, events: tuple[np.ndarray, ...], lo: int, f: int, kept_t: np.ndarray,
-                kept_s: np.ndarray) -> None:
-        """Add events to every timeframe's counters, at their own bar while it is in the window
-        (``lo`` to the open bar), else at the open bar; note the newest trade per cell."""
-        for *pending, pf in self._pending:  # events from before the first accepted trade
-            self._charge_at(pending, np.full(len(pending[0]), self.open_minute), pf)
-        self._pending = []
-        times = events[0]
-        minute = times - times % MINUTE
-        own = (minute >= lo) & (minute <= self.open_minute)
-        self._charge_at(events, np.where(own, times, self.open_minute), f)
-        kept_s = kept_s.astype(np.int64)
-        for grid in self.grids.values():
-            if len(kept_t):  # their bars are in the window, so these rows exist
-                krow = np.searchsorted(grid.times, kept_t - kept_t % grid.tf_ns)
-                np.maximum.at(grid.last, (krow, kept_s), kept_t)
-
-    def _charge_at(self, events: Sequence[np.ndarray], charge: np.ndarray, f: int) -> None:
-        _, syms, counters, weights = events
-        n_sym = len(self.ring_n)
-        has_sym = syms >= 0
-        for grid in self.grids.values():
-            grid.widen(n_sym, len(self.feeds))
-            rows = grid.rows_for(charge - charge % grid.tf_ns)
-            ur, local = np.unique(rows, return_inverse=True)
-            u = len(ur)
-            flat = (counters * u + local) * n_sym + syms
-            cells = np.bincount(flat[has_sym], weights[has_sym], minlength=_N_COUNTERS * u * n_sym)
-            grid.counts[:, ur, :n_sym] += cells.reshape(_N_COUNTERS, u, n_sym).astype(np.int64)
-            per_feed = np.bincount(counters * u + local, weights, minlength=_N_COUNTERS * u)
-            grid.feed_counts[:, ur, f] += per_feed.reshape(_N_COUNTERS, u).astype(np.int64)
-            if u:
-                grid.touch(int(grid.times[ur[0]]))
-
-    def _lateness(self, time: np.ndarray) -> tuple[np.ndarray, np.ndarray, int | None]:
-        """Late and too-late masks by the bar engine's rule (running open bar); advance it."""
+        n = len(accepted)
+        spike_z, outlier_z = np.full(n, np.nan), np.full(n, np.nan)
+        late, too_late, refill = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+        missing = np.zeros(n, np.int64)
         open_before = self.open_minute
-        n = len(time)
-        if n == 0:
-            return np.zeros(0, bool), np.zeros(0, bool), open_before
-        minute = time - time % MINUTE
-        before = np.empty(n, np.int64)
-        before[0] = open_before if open_before is not None else minute[0]
-        if n > 1:
-            np.maximum(np.maximum.accumulate(minute)[:-1], before[0], out=before[1:])
-        self.open_minute = max(int(minute.max()), int(before[0]))
-        too_late = minute < before - (self.config.window - 1) * MINUTE
-        late = (minute < before) & ~too_late
-        self.newest = max(self.newest, int(time[~too_late].max(initial=0)))
-        return late, too_late, open_before
+        if n:
+            self.symbol_feed[accepted.symbol] = f
+            with np.errstate(divide="ignore"):
+                logsize = np.log(accepted.size)
+            om, newest = _scan(
+                accepted.symbol, accepted.time, accepted.trade_id, accepted.price, logsize,
+                c.quarantine_spikes, c.spike_k, (c.window - 1) * MINUTE,
+                -1 if open_before is None else open_before, self.ring_price, self.ring_logsize,
+                self.ring_n, self.ref, self.ref_at, self.last_time, self.gap_sum, self.gap_sq_sum,
+                self.n_trades, self.id_hwm, self.id_pairs, self.id_unit, c.min_history,
+                max(1, c.ring // 2), c.spike_min_rel, c.volume_min_log, c.stale_horizon_s * NS,
+                c.stale_k, c.stale_min_trades, c.seq_min_pairs, spike_z, outlier_z, late, too_late, missing, refill)
+            self.open_minute = None if om < 0 else int(om)
+            self.newest = max(self.newest, int(newest))
+        with np.errstate(invalid="ignore"):
+            spike, outlier = spike_z > c.spike_k, outlier_z > c.volume_k
+        gapped = np.flatnonzero(missing)
+        flags = QualityFlags()
+        if len(gapped) or spike.any() or outlier.any():
+            flags = QualityFlags.concat([
+                QualityFlags.of(accepted, np.flatnonzero(spike), "spike", spike_z[spike]),
+                QualityFlags.of(accepted, np.flatnonzero(outlier), "volume_outlier", outlier_z[outlier]),
+                QualityFlags.of(accepted, gapped, "id_gap", missing[gapped])])
+        quarantine_mask = spike if c.quarantine_spikes else None
+        events = _events(received, accepted, quarantine, late, too_late, spike, outlier, missing, unparsed)
+        if self.open_minute is None:  # nothing accepted yet: charge to the first open bar
+            self._pending.append((events, f))
+            return QualityReport(flags, quarantine_mask)
+        for pending, pf in self._pending:
+            self._charge(pending, np.full(len(pending[0]), self.open_minute), pf)
+        self._pending = []
+        lo = (open_before if open_before is not None else self.open_minute) - (c.window - 1) * MINUTE
+        minute = events[0] - events[0] % MINUTE
+        charge = np.where((minute >= lo) & (minute <= self.open_minute), minute, self.open_minute)
+        in_bars = ~too_late if quarantine_mask is None else ~too_late & ~spike
+        self._charge(events, charge, f, accepted.time[in_bars], accepted.symbol[in_bars])
+        for i in gapped:  # gaps are rare where ids are sequential
+            t = int(accepted.trade_id[i])
+            self.gaps.setdefault(int(accepted.symbol[i]), []).append(
+                [t - int(missing[i]), t - 1, int(accepted.time[i])])
+        if self.gaps and refill.any():
+            for i in np.flatnonzero(refill & np.isin(accepted.symbol, list(self.gaps))):
+                self._refill(int(accepted.symbol[i]), int(accepted.trade_id[i]))
+        self._expire_gaps(lo)
+        return QualityReport(flags, quarantine_mask)
 
-    def _soft_anomalies(self, batch: TradeBatch) -> tuple[np.ndarray, ...]:
-        """Spike and volume-outlier masks (and robust deviations) against the rings; fill them."""
-        c = self.config
-        n = len(batch)
-        spike, outlier = np.zeros(n, bool), np.zeros(n, bool)
-        spike_z, outlier_z = np.zeros(n), np.zeros(n)
-        if n == 0:
-            return spike, spike_z, outlier, outlier_z
-        sym = batch.symbol.astype(np.int64)
-        logsize = np.log(batch.size)
-        us, inverse = np.unique(sym, return_inverse=True)
-        ready = self.ring_n[us] >= c.min_history
-        if ready.any():
-            judged = us[ready]
-            pos = np.full(len(us), -1)
-            pos[ready] = np.arange(len(judged))
-            j = pos[inverse]
-            check = j >= 0
-            for ring, value, k, floor, one_sided, mask, z in (
-                    (self.ring_price, batch.price, c.spike_k, None, False, spike, spike_z),
-                    (self.ring_logsize, logsize, c.volume_k, c.volume_min_log, True, outlier, outlier_z)):
-                window = ring[judged]
-                med = _row_median(window)
-                mad = _row_median(np.abs(window - med[:, None]))
-                scale = np.maximum(1.4826 * mad, c.spike_min_rel * np.abs(med) if floor is None else floor)
-                dev = value[check] - med[j[check]]
-                dev = dev if one_sided else np.abs(dev)
-                z[check] = dev / scale[j[check]]
-                mask[check] = z[check] > k
-        # Put the batch into the rings: per symbol its last `ring` trades, in arrival order.
-        order = np.argsort(sym, kind="stable")
-        s_sorted = sym[order]
-        starts = np.searchsorted(s_sorted, us)
-        counts = np.bincount(inverse, minlength=len(us))
-        rank = np.arange(n) - np.repeat(starts, counts)
-        keep = rank >= np.repeat(counts, counts) - c.ring
-        idx, s_k, r_k = order[keep], s_sorted[keep], rank[keep]
-        slot = (self.ring_n[s_k] + r_k) % c.ring
-        self.ring_price[s_k, slot] = batch.price[idx]
-        self.ring_logsize[s_k, slot] = logsize[idx]
-        self.ring_n[us] += counts
-        return spike, spike_z, outlier, outlier_z
+    def _charge(self, events: tuple[np.ndarray, ...], charge: np.ndarray, f: int,
+                kept_t: np.ndarray | None = None, kept_s: np.ndarray | None = None) -> None:
+        """Add events to the counters of the bar of their ``charge`` minute, and note the newest
+        trade per cell of the trades kept in bars (their own minutes are charged).
 
-    def _learn_gaps(self, sym: np.ndarray, time: np.ndarray) -> None:
-        """Fold trades' gaps into each symbol's decayed sums of gap and squared gap."""
-        new = time > self.last_time[sym]  # late trades close no gap
-        sym, time = sym[new].astype(np.int64), time[new]
-        if len(sym) == 0:
+        Only the 1m counters change here; higher timeframes get the per-minute sums when read
+        (:meth:`_roll_up`), which keeps a batch's cost independent of the timeframe count.
+        """
+        _, syms, counters, weights = events
+        S = len(self.ring_n)
+        if len(charge) and charge.min() == charge.max():  # the usual case: one minute
+            minutes, loc = charge[:1], np.zeros(len(charge), np.int64)
+        else:
+            minutes, loc = np.unique(charge, return_inverse=True)
+        U = len(minutes)
+        has = syms >= 0
+        cells = np.bincount(((counters * U + loc) * S + syms)[has], weights[has],
+                            minlength=_N_COUNTERS * U * S).reshape(_N_COUNTERS, U, S).astype(np.int64)
+        feed = np.bincount(counters * U + loc, weights, minlength=_N_COUNTERS * U)
+        feed = feed.reshape(_N_COUNTERS, U).astype(np.int64)
+        last = np.zeros((U, S), np.int64)
+        if kept_t is not None and len(kept_t):
+            np.maximum.at(last, (np.searchsorted(minutes, kept_t - kept_t % MINUTE), kept_s), kept_t)
+        grid = self.grids["1m"]
+        grid.widen(S, len(self.feeds))
+        rows = grid.rows_for(minutes)
+        for j in range(U):
+            r = rows[j]
+            grid.counts[:, r, :S] += cells[:, j]
+            grid.feed_counts[:, r, f] += feed[:, j]
+            np.maximum(grid.last[r, :S], last[j], out=grid.last[r, :S])
+            if len(self.grids) > 1:
+                acc = self._unrolled.get(int(minutes[j]))
+                if acc is None:
+                    self._unrolled[int(minutes[j])] = [cells[:, j].copy(), {f: feed[:, j].copy()}, last[j].copy()]
+                    continue
+                if acc[0].shape[1] < S:
+                    acc[0], acc[2] = _grow_cols(acc[0], S, 0), _grow_cols(acc[2], S, 0)
+                acc[0][:, :S] += cells[:, j]
+                acc[1][f] = acc[1][f] + feed[:, j] if f in acc[1] else feed[:, j].copy()
+                np.maximum(acc[2][:S], last[j], out=acc[2][:S])
+        grid.touch(int(minutes.min()))
+        if len(self._unrolled) > 240:
+            self._roll_up()
+
+    def _roll_up(self) -> None:
+        """Add the per-minute sums not yet added to the higher timeframes."""
+        if not self._unrolled:
             return
-        order = np.lexsort((time, sym))
-        s, t = sym[order], time[order]
-        first = np.ones(len(s), bool)
-        first[1:] = s[1:] != s[:-1]
-        prev = np.empty(len(s), np.int64)
-        prev[1:] = t[:-1]
-        prev[first] = self.last_time[s[first]]
-        gap = np.where(prev > 0, t - prev, 0).astype(np.float64)
-        last = np.append(np.flatnonzero(first)[1:] - 1, len(s) - 1)
-        us, t_new = s[last], t[last]
-        h = self.config.stale_horizon_s * NS
-        decay = np.exp(-(t_new - self.last_time[us]) / h)
-        self.gap_sum[us] *= decay
-        self.gap_sq_sum[us] *= decay
-        w = np.exp(-(np.repeat(t_new, np.diff(np.append(np.flatnonzero(first), len(s)))) - t) / h)
-        np.add.at(self.gap_sum, s, w * gap)
-        np.add.at(self.gap_sq_sum, s, w * gap * gap)
-        self.last_time[us] = t_new
-        self.n_trades[us] += np.diff(np.append(np.flatnonzero(first), len(s)))
+        unrolled, self._unrolled = self._unrolled, {}
+        minutes = np.array(sorted(unrolled), dtype=np.int64)
+        for tf, grid in self.grids.items():
+            if tf == "1m":
+                continue
+            grid.widen(len(self.ring_n), len(self.feeds))
+            buckets = minutes - minutes % grid.tf_ns
+            rows = grid.rows_for(buckets)
+            for m, r in zip(minutes.tolist(), rows):
+                cells, feeds, last = unrolled[m]
+                S = cells.shape[1]
+                grid.counts[:, r, :S] += cells
+                for f, v in feeds.items():
+                    grid.feed_counts[:, r, f] += v
+                np.maximum(grid.last[r, :S], last, out=grid.last[r, :S])
+            grid.touch(int(buckets[0]))
 
     def normal_gap(self) -> np.ndarray:
-        """Each symbol's normal gap between trades (ns; NaN before ``stale_min_trades``)."""
+        """Each symbol's normal gap between trades: the decayed sum of squared gaps over the
+        sum of gaps (ns; NaN before ``stale_min_trades``)."""
         armed = (self.n_trades >= self.config.stale_min_trades) & (self.gap_sum > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(armed, self.gap_sq_sum / self.gap_sum, np.nan)
 
-    def _id_gaps(self, accepted: TradeBatch) -> tuple[np.ndarray, QualityFlags, list]:
-        """Missing ids revealed by each accepted trade; learn which symbols are sequential."""
-        c = self.config
-        missing = np.zeros(len(accepted), np.int64)
-        has = np.flatnonzero(accepted.trade_id >= 0)
-        if len(has) == 0:
-            return missing, QualityFlags(), []
-        sym = accepted.symbol[has].astype(np.int64)
-        ids = accepted.trade_id[has]
-        sequential = (self.id_pairs >= c.seq_min_pairs) & (2 * self.id_unit > self.id_pairs)
-        hwm = self.id_hwm[sym]
-        above = ids > hwm
-        refills = []
-        below = np.flatnonzero(~above)
-        for i in below[np.isin(sym[below], list(self.gaps))] if self.gaps else ():
-            refills.append((int(sym[i]), int(ids[i])))
-        adv = np.flatnonzero(above)
-        order = adv[np.lexsort((ids[adv], sym[adv]))]
-        s, v = sym[order], ids[order]
-        prev = np.empty(len(order), np.int64)
-        prev[1:] = v[:-1]
-        first = np.ones(len(order), bool)
-        first[1:] = s[1:] != s[:-1]
-        prev[first] = hwm[order][first]
-        paired = prev >= 0
-        diff = v - prev
-        np.add.at(self.id_pairs, s[paired], 1)
-        np.add.at(self.id_unit, s[paired & (diff == 1)], 1)
-        gap = paired & (diff > 1) & sequential[s]
-        where = has[order[gap]]
-        missing[where] = diff[gap] - 1
-        np.maximum.at(self.id_hwm, s, v)
-        for i, d in zip(np.flatnonzero(gap), diff[gap]):  # gaps are rare where ids are sequential
-            self.gaps.setdefault(int(s[i]), []).append([int(prev[i]) + 1, int(v[i]) - 1,
-                                                        int(accepted.time[has[order[i]]])])
-        flags = QualityFlags.of(accepted, where, "id_gap", missing[where])
-        return missing, flags, refills
-
     def _refill(self, sym: int, trade_id: int) -> None:
         """An id inside a counted gap arrived (late): take its count back from the gap's bar."""
+        self._roll_up()
         for gap in self.gaps.get(sym, []):
             if gap[0] <= trade_id <= gap[1]:
                 charged = gap[2]
@@ -649,6 +663,7 @@ class QualityEngine:
         fields : ``open high low close volume vwap`` (R, S) float64 and ``trades`` (R, S).
         start : first row whose bars may have changed since the last call.
         """
+        self._roll_up()
         grid = self.grids[tf]
         times = np.asarray(times, dtype=np.int64)
         if len(times) == 0:
@@ -721,6 +736,7 @@ class QualityEngine:
 
         ``symbols`` names the symbol codes in order (the flow's ``table.names``).
         """
+        self._roll_up()
         grid = self.grids[tf]
         n = len(symbols)
         grid.widen(n, len(self.feeds))
@@ -733,6 +749,7 @@ class QualityEngine:
 
     def feed_dataset(self, tf: str, since: int | None = None) -> xr.Dataset:
         """Scores of ``tf`` per (time, feed): the same components over each feed's symbols."""
+        self._roll_up()
         grid = self.grids[tf]
         n_feed = len(self.feeds)
         grid.widen(len(self.ring_n), n_feed)
@@ -753,10 +770,11 @@ class QualityEngine:
 
     def take_changed(self, tf: str) -> int | None:
         """Earliest bar time of ``tf`` whose scores changed since the last call (and reset)."""
+        self._roll_up()
         grid = self.grids[tf]
         out, grid.changed_from = grid.changed_from, None
         return out
 
 
-__all__ = ["COMPONENTS", "FLAG_REASONS", "QualityConfig", "QualityEngine", "QualityFlags",
-           "QualityReport", "TOLERANCES", "WEIGHTS"]
+__all__ = ["COMPONENTS", "FLAG_REASONS", "TOLERANCES", "WEIGHTS", "QualityConfig", "QualityEngine",
+           "QualityFlags", "QualityReport"]

@@ -214,11 +214,15 @@ def replay_files(flow: Flow, paths: list[str], fmt: str | None = None, time_unit
 
 def bar_counts(flow: Flow) -> dict[str, tuple[int, int]]:
     """Per timeframe: (bar times, non-empty bars) in the store, or in memory without a store."""
+    import zarr
+
     out = {}
     for tf in flow.engine.frames:
-        if flow.store is not None and len(flow.store.stored_times(f"bars/{tf}")):
-            g = flow.store.root[f"bars/{tf}"]
-            trades = g["trades"][:]
+        if flow.store is not None:
+            try:
+                trades = zarr.open_array(str(flow.store.path / "bars" / tf / "trades"), mode="r")[:]
+            except FileNotFoundError:
+                trades = np.zeros((0, 0), dtype=np.int64)
             out[tf] = (trades.shape[0], int(np.count_nonzero(trades)))
         else:
             ds = flow.engine.dataset(tf)

@@ -9,8 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.alerts import (Alert, AlertEngine, AlertLog, Rule, analytics_values, load_rules,
-                          parse_duration, save_rules)
+from flows.alerts import (
+    Alert,
+    AlertEngine,
+    AlertLog,
+    Rule,
+    analytics_values,
+    load_rules,
+    parse_duration,
+    save_rules,
+)
 from flows.indicators import IndicatorEngine
 from flows.schema import NS
 
@@ -21,14 +29,17 @@ DAY = 86_400 * NS
 # -- fixtures ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sp500() -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
+def load_sp500(holes: float = 0.0) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
     """505 stocks x 79 sessions: bar fields and every indicator (as the pipeline computes them)
-    as (time x symbol) arrays; a stock absent on a day has no bar there (trades 0, NaN prices)."""
+    as (time x symbol) arrays; a stock absent on a day has no bar there (trades 0, NaN prices).
+    ``holes``: the fraction of bars removed at random besides."""
     df = pd.read_csv(DATA)
     wide = {c: df.pivot(index="date", columns="Name", values=c) for c in ("open", "high", "low", "close", "volume")}
     times = pd.to_datetime(wide["close"].index).as_unit("ns").asi8
-    fields = {k: v.to_numpy(np.float64) for k, v in wide.items()}
+    fields = {k: v.to_numpy(np.float64, copy=True) for k, v in wide.items()}
+    hole = np.random.default_rng(3).random(fields["close"].shape) < holes
+    for k in fields:
+        fields[k][hole] = np.nan
     fields["vwap"] = (fields["high"] + fields["low"] + fields["close"]) / 3
     fields["trades"] = np.where(np.isnan(fields["close"]), 0, 1).astype(np.int64)
     fields["volume"] = np.nan_to_num(fields["volume"])
@@ -37,6 +48,11 @@ def sp500() -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
     values = dict(fields)
     values.update({k: v.copy() for k, v in engine.outputs().items() if k != "provisional"})
     return times, values, list(wide["close"].columns)
+
+
+@pytest.fixture(scope="module")
+def sp500():
+    return load_sp500()
 
 
 def rows(values: dict[str, np.ndarray], stop: int) -> dict[str, np.ndarray]:
@@ -179,6 +195,23 @@ def test_quality_drop_once():
     assert [(a.time // (60 * NS), a.symbol, a.kind) for a in got] == [(1, "A", "quality"), (2, "B", "quality")]
 
 
+@pytest.mark.parametrize("lookback", [0, 1, 5])
+def test_short_lookback_and_sparse_symbols_give_the_same_edges(monkeypatch, lookback):
+    # Live evaluation looks back a few rows for each symbol's previous value and re-scans the
+    # symbols quiet there; with 30% of bars missing the re-scan is exercised on every row.
+    import flows.alerts
+
+    monkeypatch.setattr(flows.alerts, "LOOKBACK", lookback)
+    data = load_sp500(holes=0.3)
+    times, values, symbols = data
+    rules = ["* rsi_14 > 60 on 1d", "* pct_change 7d > 3 on 1d", "* close crosses_below sma_20 on 1d"]
+    want = AlertEngine(rules).evaluate("1d", times, values, symbols)
+    engine = AlertEngine(rules)
+    got = run_live(engine, times, values, symbols) + engine.evaluate("1d", times, values, symbols, start=len(times))
+    assert sorted(keys(got)) == sorted(keys(want)) and len(want) > 1000
+    assert sorted(keys(a for a in want if a.rule == rules[0])) == sorted(rsi_edges(data, 60))
+
+
 # -- cooldown, once, amendments ---------------------------------------------------------------
 
 
@@ -228,6 +261,20 @@ def test_reevaluating_amended_rows_fires_only_new_edges(sp500):
     want_after = oracle_edges(times, ["AAPL"], amended["close"][:, [j]], 172.0, ">", present)
     assert keys(before) == want_before and again == []
     assert keys(after) == sorted(set(want_after) - set(want_before)) == [(int(times[k]), "AAPL")]
+
+
+def test_cooldown_holds_around_alerts_fired_later_in_bar_time():
+    # An amendment creates an edge just before a bar that already fired: within the cooldown,
+    # it does not fire (replays stay deterministic whatever order rows are evaluated in).
+    times = np.arange(8, dtype=np.int64) * 60 * NS
+    close = np.array([[1.0], [1.0], [1.0], [1.0], [1.0], [3.0], [1.0], [3.0]])
+    engine = AlertEngine(["X close > 2 on 1m cooldown 3m"])
+    assert [a.time // (60 * NS) for a in engine.evaluate("1m", times, {"close": close}, ["X"])] == [5]
+    amended = close.copy()
+    amended[3] = 3.0  # minute 3: 2 minutes before the alert at 5
+    assert engine.evaluate("1m", times, {"close": amended}, ["X"], start=3) == []
+    amended[1] = 3.0  # minute 1: 4 minutes before it, beyond the cooldown
+    assert [a.time // (60 * NS) for a in engine.evaluate("1m", times, {"close": amended}, ["X"], start=1)] == [1]
 
 
 # -- restart ----------------------------------------------------------------------------------

@@ -220,3 +220,121 @@ def test_page_served_by_cli(chromium, start_server, tmp_path: Path) -> None:
          "--store", str(tmp_path / "market.zarr"), "--symbols", "20", "--rate", "500"], port)
 
     check_candles_page(chromium, server.url, "cli")
+
+
+# -- the multi-page app: market and monitor pages, page switching, theme --------------------
+
+_MODEL_JS = """(name) => window.Bokeh && Bokeh.documents.length > 0
+  && Bokeh.documents[0].get_model_by_name(name) != null"""
+_ROWS_JS = """([name, column]) => { const d = window.Bokeh && Bokeh.documents[0];
+  const s = d && d.get_model_by_name(name); return s ? s.data[column].length : 0; }"""
+# The screen position of a heatmap tile: the figure's data-to-pixel scales plus its element's
+# place on the page, so a real mouse click goes through Bokeh's TapTool.
+_TILE_JS = """(symbol) => {
+  const doc = Bokeh.documents[0], fig = doc.get_model_by_name('heatmap_figure');
+  const tiles = doc.get_model_by_name('heatmap'), i = Array.from(tiles.data.symbol).indexOf(symbol);
+  const view = Bokeh.index.find_one(fig), box = view.el.getBoundingClientRect();
+  return {x: box.left + view.frame.x_scale.compute(tiles.data.x[i]),
+          y: box.top + view.frame.y_scale.compute(tiles.data.y[i])};
+}"""
+
+
+def watch_page(page) -> dict[str, list[str]]:
+    """Record the page's requests, failed requests and console errors."""
+    seen: dict[str, list[str]] = {"requests": [], "failed": [], "errors": []}
+    page.on("request", lambda r: seen["requests"].append(r.url))
+    page.on("websocket", lambda ws: seen["requests"].append(ws.url))
+    page.on("requestfailed", lambda r: seen["failed"].append(f"{r.url}: {r.failure}"))
+    page.on("console", lambda m: seen["errors"].append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+    return seen
+
+
+def assert_clean(seen: dict[str, list[str]]) -> None:
+    assert not seen["errors"], f"console errors: {seen['errors']}"
+    assert not seen["failed"], f"failed requests: {seen['failed']}"
+    outside = [u for u in seen["requests"] if urlparse(u).scheme in ("http", "https", "ws", "wss")
+               and urlparse(u).hostname not in LOOPBACK]
+    assert not outside, f"requests left the machine: {outside}"
+    assert seen["requests"], "no request recorded"
+
+
+def count_colors(png: bytes, colors) -> int:
+    """Return how many pixels of a screenshot have one of ``colors`` (hex)."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    total = 0
+    for color in colors:
+        target = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
+        total += int((np.abs(rgb - target).max(axis=-1) <= 6).sum())
+    return total
+
+
+def test_pages_served_by_cli(chromium, start_server, tmp_path: Path) -> None:
+    from dashboards.market import PALETTE, UNKNOWN_COLOR
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    port = free_port()
+    server = start_server(
+        [sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
+         "--store", str(tmp_path / "market.zarr"), "--symbols", "20", "--rate", "500",
+         "--backfill", "5"], port)
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    seen = watch_page(page)
+    try:
+        # Market: the URL selects the page; heatmap, breadth, movers and sectors draw.
+        page.goto(server.url + "?page=market", wait_until="load", timeout=20_000)
+        page.wait_for_function(_ROWS_JS, arg=["heatmap", "symbol"], timeout=20_000)
+        page.wait_for_function(_ROWS_JS, arg=["breadth", "time"], timeout=20_000)
+        page.wait_for_function(_ROWS_JS, arg=["sectors", "sector"], timeout=20_000)
+        assert page.evaluate(_ROWS_JS, ["heatmap", "symbol"]) == 20
+        page.wait_for_timeout(500)  # let the canvases paint
+        shot = page.screenshot(path=str(ARTIFACTS / "cli-market.png"), full_page=True)
+        assert count_colors(shot, (*PALETTE, UNKNOWN_COLOR)) > 2000, "no heatmap tiles painted"
+        page.wait_for_function("() => document.title === 'tapeflow · Market'", timeout=5_000)
+        assert page.locator(".tabulator-row").count() > 0  # the movers tables render
+
+        # Click a tile (a real mouse click at its screen position): its candles open.
+        symbols = page.evaluate("() => Array.from(Bokeh.documents[0]"
+                                ".get_model_by_name('heatmap').data.symbol)")
+        target = symbols[len(symbols) // 2]
+        point = page.evaluate(_TILE_JS, target)
+        page.mouse.click(point["x"], point["y"])
+        page.wait_for_function("(t) => { const f = Bokeh.documents[0].get_model_by_name('price');"
+                               " return f != null && f.title.text.startsWith(t + ' ·'); }",
+                               arg=target, timeout=10_000)
+        page.wait_for_function(_READY_JS, timeout=10_000)
+        page.wait_for_function("() => location.search.includes('page=candles')", timeout=5_000)
+        page.screenshot(path=str(ARTIFACTS / "cli-candles-from-tile.png"))
+
+        # Monitor from the header; its charts fill; the page survives a reload.
+        page.get_by_role("button", name="Monitor").click()
+        page.wait_for_function(_MODEL_JS, arg="throughput", timeout=10_000)
+        page.wait_for_function("() => location.search.includes('page=monitor')", timeout=5_000)
+        page.reload(wait_until="load")
+        page.wait_for_function(_MODEL_JS, arg="throughput", timeout=20_000)
+        page.wait_for_function(_ROWS_JS, arg=["monitor", "time"], timeout=20_000)
+        page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('monitor')"
+                               ".data.trades_per_s.some(v => v > 0)", timeout=10_000)
+        assert page.evaluate(_MODEL_JS, "price") is False  # candles not built on reload
+        assert "received" in page.locator(".tapeflow-cards").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "cli-monitor.png"), full_page=True)
+
+        # Dark theme: the toggle reloads the same page dark, figures included.
+        page.get_by_role("button", name="Dark").click()
+        page.wait_for_function("() => location.search.includes('theme=dark')", timeout=10_000)
+        page.wait_for_function(_ROWS_JS, arg=["monitor", "time"], timeout=20_000)
+        page.wait_for_timeout(500)
+        background = page.evaluate("() => Bokeh.documents[0].get_model_by_name('throughput')"
+                                   ".background_fill_color")
+        assert background == "#131722"
+        assert "page=monitor" in page.url
+        page.screenshot(path=str(ARTIFACTS / "cli-monitor-dark.png"), full_page=True)
+        page.get_by_role("button", name="Market").click()
+        page.wait_for_function(_ROWS_JS, arg=["heatmap", "symbol"], timeout=10_000)
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / "cli-market-dark.png"), full_page=True)
+    finally:
+        page.close()
+    assert_clean(seen)
