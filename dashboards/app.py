@@ -15,6 +15,7 @@ import time
 
 import panel as pn
 import param
+from bokeh.models import CustomJS
 from bokeh.themes import Theme as BokehTheme
 
 from dashboards.candles import FLAT_COLOR, UP_COLOR, CandlesView
@@ -116,7 +117,9 @@ class App(pn.viewable.Viewer):
             options={label: key for key, label in PAGES.items()}, value=self.state.page,
             button_type="primary", button_style="outline", css_classes=["tapeflow-nav"])
         self._nav.param.watch(self._on_nav, "value")
-        # Bokeh does not carry later title changes to the browser: the page sets its own.
+        # The browser tab names the page. Bokeh does not carry title changes to the browser
+        # (and Panel fixes the served page's title), so the page sets it: on load in
+        # create_app, then on every page switch here.
         self._nav.jscallback(value=f"document.title = {TITLE!r} + ' · ' + "
                                    f"{list(PAGES.values())!r}[source.active]")
         self._feed = pn.pane.HTML("", stylesheets=[css], css_classes=["tapeflow-feed"],
@@ -164,8 +167,6 @@ class App(pn.viewable.Viewer):
                               f'<span class="tf-page">· {html.escape(PAGES[page])}</span></span>')
         doc = pn.state.curdoc
         if doc is not None and doc.session_context is not None:
-            if not pn.state.loaded:  # the page's first title; the nav's JS sets later ones
-                doc.title = f"{TITLE} · {PAGES[page]}"
             view.start()
         self._main.objects = [view]
 
@@ -213,6 +214,8 @@ def create_app(source: BarSource) -> pn.viewable.Viewable:
     doc = pn.state.curdoc
     if doc is not None and doc.session_context is not None:
         pn.config.global_css = [_page_css(app.theme)]  # per session: the page background
+        doc.js_on_event("document_ready", CustomJS(
+            code=f"document.title = {TITLE!r} + ' · ' + {PAGES[app.state.page]!r}"))
         if app.theme == "dark":  # before the models join the document, which applies it
             doc.theme = BokehTheme(json=DARK_BOKEH_THEME)
         SESSIONS.track()
@@ -246,7 +249,7 @@ def serve(
         shut down), so the caller's thread stays free to run the flow. With False this
         blocks, serving until interrupted; run the flow on another thread first.
     **kw
-        Passed to :func:`panel.serve` (e.g. ``admin``).
+        Passed to :func:`panel.serve` (e.g. ``title``, ``admin``).
 
     Returns
     -------
@@ -255,7 +258,7 @@ def serve(
     origins = [f"{address}:{port}"]
     if address in ("127.0.0.1", "localhost", "::1"):
         origins += [f"localhost:{port}", f"127.0.0.1:{port}"]
-    # No fixed ``title``: each session's document title names its page.
+    kw.setdefault("title", TITLE)
     kw.setdefault("websocket_origin", sorted(set(origins)))
     kw.setdefault("verbose", False)
     server = pn.serve({"/": lambda: create_app(source)}, port=port, address=address, show=show,
@@ -280,4 +283,4 @@ def _wait_listening(address: str, port: int, thread, timeout: float = 30.0) -> N
 
 
 if __name__.startswith("bokeh"):
-    create_app(default_source()).servable()
+    create_app(default_source()).servable(title=TITLE)

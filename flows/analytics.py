@@ -131,7 +131,7 @@ class Analytics:
         first = 0 if since is None else int(np.searchsorted(times, since))
         values = {k: v[first:].copy() for k, v in engine.breadth().items()}
         if "ad_line" in values:
-            values["ad_line"] = values["ad_line"] + self.ad_offset[tf]
+            values["ad_line"] = self._ad_line(tf, engine, values["ad_line"])
         return xr.Dataset({k: ("time", v) for k, v in values.items()}, coords=_coords(times[first:]))
 
     def sectors_dataset(self, tf: str, since: int | None = None) -> xr.Dataset:
@@ -155,15 +155,24 @@ class Analytics:
                 f"breadth/{tf}": self.breadth_dataset(tf, since),
                 f"sectors/{tf}": self.sectors_dataset(tf, since)}
 
-    def resume(self, stored_from: dict[str, int], ad_line: dict[str, float]) -> None:
+    def resume(self, stored_from: dict[str, int], ad_line: dict[str, tuple[int, float]]) -> None:
         """After a restart: analyse every row in memory, but store only rows from the restored
         window on (``stored_from``, bar time per timeframe; older rows are in the store), and
-        continue the A/D line from its stored value before the first row in memory."""
+        continue the A/D line from its stored value at the first row in memory
+        (``ad_line[tf] = (bar time, stored value)``)."""
         for tf, frame in self.engine.frames.items():
             if frame.n:
                 self._pending[tf] = int(frame.times[0])
         self._floor = dict(stored_from)
-        self.ad_offset.update(ad_line)
+        self.refresh()
+        for tf, (t, stored) in ad_line.items():  # align the recomputed line with the stored one
+            engine = self.breadth[tf]
+            row = int(np.searchsorted(engine.times, t))
+            if row < len(engine.times) and engine.times[row] == t:
+                self.ad_offset[tf] = stored - engine.breadth()["ad_line"][row]
+
+    def _ad_line(self, tf: str, engine: BreadthEngine, values: np.ndarray) -> np.ndarray:
+        return values + self.ad_offset[tf]
 
 
 def _coords(times: np.ndarray, **labels) -> dict:

@@ -514,8 +514,8 @@ class BarEngine:
         if frame.n:
             keep = times < frame.times[0]
             times, values = times[keep], {k: v[keep] for k, v in values.items()}
-        room = max(self.config.history - frame.n, 0)
-        times, values = times[len(times) - room:], {k: v[len(v) - room:] for k, v in values.items()}
+        first = max(len(times) - max(self.config.history - frame.n, 0), 0)
+        times, values = times[first:], {k: v[first:] for k, v in values.items()}
         m, n_sym = len(times), values["close"].shape[1]
         if m == 0:
             return

@@ -142,9 +142,9 @@ class Flow:
         self.analytics = Analytics(self.engine, self.table) if self.config.analytics else None
         if self.analytics is not None and self.resumed and self.store is not None:
             restored = {tf: int(f.dirty_from) for tf, f in self.engine.frames.items() if f.n}
-            ad = {tf: self.store.value_before(f"breadth/{tf}", "ad_line", int(f.times[0]))
+            ad = {tf: (int(f.times[0]), self.store.value_before(f"breadth/{tf}", "ad_line", int(f.times[0]) + 1))
                   for tf, f in self.engine.frames.items() if f.n}
-            self.analytics.resume(restored, {tf: v for tf, v in ad.items() if v is not None})
+            self.analytics.resume(restored, {tf: v for tf, v in ad.items() if v[1] is not None})
         self.recent_quarantine: deque = deque(maxlen=10_000)
         self._pending_quarantine: list[Quarantine] = []
         self.stats = StageStats()
