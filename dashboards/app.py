@@ -15,7 +15,7 @@ import time
 
 import panel as pn
 import param
-from bokeh.models import CustomJS
+from panel.custom import JSComponent
 from bokeh.themes import Theme as BokehTheme
 
 from dashboards.candles import FLAT_COLOR, UP_COLOR, CandlesView
@@ -74,6 +74,20 @@ window.location.assign(url.toString());
 """
 
 
+class PageTitle(JSComponent):
+    """Sets the browser tab's title (Bokeh does not carry a document's title changes to the
+    browser, and Panel fixes the served page's title)."""
+
+    title = param.String(default=TITLE)
+
+    _esm = """
+    export function render({ model }) {
+      document.title = model.title;
+      model.on("title", () => { document.title = model.title; });
+    }
+    """
+
+
 class App(pn.viewable.Viewer):
     """One session's app: a header (title, page switch, feed state, theme) over the page shown.
 
@@ -117,11 +131,7 @@ class App(pn.viewable.Viewer):
             options={label: key for key, label in PAGES.items()}, value=self.state.page,
             button_type="primary", button_style="outline", css_classes=["tapeflow-nav"])
         self._nav.param.watch(self._on_nav, "value")
-        # The browser tab names the page. Bokeh does not carry title changes to the browser
-        # (and Panel fixes the served page's title), so the page sets it: on load in
-        # create_app, then on every page switch here.
-        self._nav.jscallback(value=f"document.title = {TITLE!r} + ' · ' + "
-                                   f"{list(PAGES.values())!r}[source.active]")
+        self._page_title = PageTitle(title=TITLE, visible=False)
         self._feed = pn.pane.HTML("", stylesheets=[css], css_classes=["tapeflow-feed"],
                                   min_width=220)
         self._theme_button = pn.widgets.Button(
@@ -131,7 +141,7 @@ class App(pn.viewable.Viewer):
         self._main = pn.Column(sizing_mode="stretch_width", css_classes=["tapeflow-main"])
         self._layout = pn.Column(
             pn.Row(self._title, self._nav, pn.layout.HSpacer(), self._feed, self._theme_button,
-                   sizing_mode="stretch_width", css_classes=["tapeflow-header"],
+                   self._page_title, sizing_mode="stretch_width", css_classes=["tapeflow-header"],
                    styles={"border-bottom": "1px solid var(--tf-border)"}),
             self._main,
             sizing_mode="stretch_width", stylesheets=[css], css_classes=["tapeflow-app"],
@@ -163,6 +173,7 @@ class App(pn.viewable.Viewer):
                 other.stop()
         if self._nav.value != page:
             self._nav.value = page
+        self._page_title.title = f"{TITLE} · {PAGES[page]}"
         self._title.object = (f'<span class="tapeflow-title">{TITLE} '
                               f'<span class="tf-page">· {html.escape(PAGES[page])}</span></span>')
         doc = pn.state.curdoc
@@ -214,8 +225,6 @@ def create_app(source: BarSource) -> pn.viewable.Viewable:
     doc = pn.state.curdoc
     if doc is not None and doc.session_context is not None:
         pn.config.global_css = [_page_css(app.theme)]  # per session: the page background
-        doc.js_on_event("document_ready", CustomJS(
-            code=f"document.title = {TITLE!r} + ' · ' + {PAGES[app.state.page]!r}"))
         if app.theme == "dark":  # before the models join the document, which applies it
             doc.theme = BokehTheme(json=DARK_BOKEH_THEME)
         SESSIONS.track()

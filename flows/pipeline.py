@@ -21,7 +21,7 @@ import pandas as pd
 from streamz import Stream
 
 from flows.alerts import Alert, AlertEngine, analytics_values
-from flows.analytics import Analytics
+from flows.analytics import Analytics, AnalyticsConfig
 from flows.bars import BarConfig, BarEngine, empty_bars_frame
 from flows.schema import REASONS, TIMEFRAMES, BarBatch, Quarantine, SymbolTable, TradeBatch
 from flows.store import BarStore, writer_dir
@@ -42,6 +42,8 @@ class FlowConfig:
     flush_interval_s : how often the writer thread persists changes (and analytics refresh).
     max_future_s : trades stamped further ahead of the clock are quarantined.
     analytics : compute indicators, breadth and sectors.
+    quality : score data quality per symbol and feed (``quality/{tf}``, ``quality_feed/{tf}``).
+    quarantine_spikes : move price spikes to the quarantine instead of flagging them.
     writer : ``"inline"`` (a flush has landed when :meth:`Flow.flush` returns) or
         ``"process"`` (a child process writes the store: nothing of the Zarr work competes
         with the hot path for the GIL; what the CLI uses).
@@ -56,6 +58,8 @@ class FlowConfig:
     feed: str = "simulated"
     checkpoint_keys: int = 200_000
     analytics: bool = True
+    quality: bool = True
+    quarantine_spikes: bool = False
     #: alert rules (YAML); None: ``alerts.yaml`` in the store's writer folder (no rules file
     #: without a store). Fired alerts are kept in ``alerts.jsonl`` beside the rules.
     alerts: str | None = None
@@ -139,7 +143,13 @@ class Flow:
             else:
                 self.writer = InlineWriter(self.store)
         self._meta_sent: tuple = ()
-        self.analytics = Analytics(self.engine, self.table) if self.config.analytics else None
+        self.analytics = (Analytics(self.engine, self.table,
+                                    AnalyticsConfig(quarantine_spikes=self.config.quarantine_spikes,
+                                                    quality=self.config.quality))
+                          if self.config.analytics else None)
+        #: flagged trades (spikes, volume outliers, id gaps): not yet persisted, and the latest
+        self._pending_flags: list = []
+        self.recent_flags: deque = deque(maxlen=200)
         if self.analytics is not None and self.resumed and self.store is not None:
             restored = {tf: int(f.dirty_from) for tf, f in self.engine.frames.items() if f.n}
             ad = {tf: (int(f.times[0]), self.store.value_before(f"breadth/{tf}", "ad_line", int(f.times[0]) + 1))
@@ -183,6 +193,18 @@ class Flow:
     def _validate(self, batch: TradeBatch) -> tuple[TradeBatch, Quarantine]:
         accepted, quarantine = self.validator.process(batch)
         self._quarantine(quarantine)
+        if self.analytics is not None and self.analytics.quality is not None:
+            report = self.analytics.quality.observe(batch, accepted, quarantine, feed=self.config.feed)
+            if len(report.flags):
+                self.recent_flags.append(report.flags)
+                if self.writer is not None:
+                    self._pending_flags.append(report.flags)
+            if report.quarantine is not None and report.quarantine.any():
+                spikes = accepted.take(report.quarantine)
+                accepted = accepted.take(~report.quarantine)
+                moved = Quarantine.from_batch(spikes, np.full(len(spikes), REASONS.index("spike")))
+                self.validator.quarantine_late(moved)  # accepted -> quarantined, counters reconcile
+                self._quarantine(moved)
         return accepted, quarantine
 
     def _fold(self, accepted: TradeBatch):
@@ -217,6 +239,9 @@ class Flow:
             if unparsed is not None and len(unparsed):
                 self.validator.quarantine_unparsed(unparsed)
                 self._quarantine(unparsed)
+                if self.analytics is not None and self.analytics.quality is not None:
+                    self.analytics.quality.observe(TradeBatch(), TradeBatch(), Quarantine(),
+                                                   feed=self.config.feed, unparsed=unparsed)
             self.source.emit(batch)
             self.stats.batches += 1
             if source is not None:
@@ -263,6 +288,11 @@ class Flow:
                            quarantine=Quarantine.concat(self._pending_quarantine),
                            checkpoint=self._checkpoint_state())
             self._pending_quarantine = []
+            if self._pending_flags:
+                from flows.quality import QualityFlags
+
+                job.flags = QualityFlags.concat(self._pending_flags)
+                self._pending_flags = []
             names = self.table.names
             if (len(names), len(self.table.meta)) != self._meta_sent:
                 job.symbols, job.meta = names, {n: dict(self.table.meta.get(n, {})) for n in names}

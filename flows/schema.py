@@ -63,6 +63,7 @@ REASONS: tuple[str, ...] = (
     "malformed",
     "missing_field",
     "bad_ohlc",
+    "spike",
 )
 
 

@@ -342,7 +342,7 @@ class BarStore:
     def _row_groups(self) -> list[str]:
         """Existing groups of rows keyed by time (bars, indicators, breadth, sectors)."""
         out = []
-        for family in ("bars", "indicators", "breadth", "sectors", "quality"):
+        for family in ("bars", "indicators", "breadth", "sectors", "quality", "quality_feed"):
             if family in self.root:
                 out += [f"{family}/{tf}" for tf in TIMEFRAMES if tf in self.root[family]]
         return out
@@ -493,27 +493,46 @@ class BarStore:
         """Append quarantine records (readable with ``xr.open_zarr(path, group="quarantine")``)."""
         if len(q) == 0:
             return
-        names = np.asarray(self.symbols.names + ("",), dtype=object)
-        columns = {
-            "time": q.time,
-            "symbol": names[np.where(q.symbol >= 0, q.symbol, len(names) - 1)].astype(object),
-            "price": q.price, "size": q.size, "trade_id": q.trade_id,
+        self.write_records("quarantine", {
+            "time": q.time, "symbol": self._names(q.symbol), "price": q.price, "size": q.size,
+            "trade_id": q.trade_id,
             "reason": np.asarray(REASONS, dtype=object)[q.reason.astype(np.int64)],
             "raw": np.asarray(q.raw, dtype=object),
-        }
+        })
+
+    def write_flags(self, flags) -> None:
+        """Append quality flags (spikes, volume outliers, id gaps) to ``quality_flags``."""
+        from flows.quality import FLAG_REASONS
+
+        if len(flags) == 0:
+            return
+        self.write_records("quality_flags", {
+            "time": flags.time, "symbol": self._names(flags.symbol), "trade_id": flags.trade_id,
+            "price": flags.price, "size": flags.size,
+            "reason": np.asarray(FLAG_REASONS, dtype=object)[flags.reason.astype(np.int64)],
+            "detail": flags.detail,
+        })
+
+    def _names(self, codes: np.ndarray) -> np.ndarray:
+        names = np.asarray(self.symbols.names + ("",), dtype=object)
+        return names[np.where(codes >= 0, codes, len(names) - 1)].astype(object)
+
+    def write_records(self, key: str, columns: dict[str, np.ndarray]) -> None:
+        """Append records (dim ``record``; ``time`` as int64 ns) to group ``key``."""
+        n = len(columns["time"])
         with self._mutex:
-            if "quarantine" not in self.root:
+            if key not in self.root:
                 ds = xr.Dataset({k: ("record", v) for k, v in columns.items() if k != "time"},
-                                coords={"time": ("record", q.time.view("datetime64[ns]"))})
-                ds.to_zarr(str(self.path), group="quarantine", mode="w", zarr_format=3, consolidated=False,
+                                coords={"time": ("record", np.asarray(columns["time"]).view("datetime64[ns]"))})
+                ds.to_zarr(str(self.path), group=key, mode="w", zarr_format=3, consolidated=False,
                            encoding={"time": {"dtype": "int64", "units": TIME_UNITS,
                                               "calendar": "proleptic_gregorian", "chunks": (65536,)}})
             else:
-                g = zarr.open_group(str(self.path / "quarantine"), mode="r+", use_consolidated=False)
-                n0 = g["reason"].shape[0]
+                g = zarr.open_group(str(self.path / key), mode="r+", use_consolidated=False)
+                n0 = g["time"].shape[0]
                 for k, v in columns.items():
                     arr = g[k]
-                    arr.resize((n0 + len(q),))
+                    arr.resize((n0 + n,))
                     arr[n0:] = v
             self._unpublished = True
 

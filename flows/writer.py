@@ -27,6 +27,7 @@ class FlushJob:
 
     rows: dict = field(default_factory=dict)
     quarantine: Quarantine = field(default_factory=Quarantine)
+    flags: object | None = None  # flows.quality.QualityFlags
     symbols: tuple[str, ...] = ()
     meta: dict = field(default_factory=dict)
     checkpoint: tuple[dict[str, np.ndarray], dict] | None = None
@@ -41,6 +42,8 @@ def apply_job(store: BarStore, job: FlushJob) -> float:
     for key, ds in job.rows.items():
         store.write_rows(key, ds)
     store.write_quarantine(job.quarantine)
+    if job.flags is not None:
+        store.write_flags(job.flags)
     store.publish()
     if job.checkpoint is not None:
         store.save_checkpoint(*job.checkpoint)

@@ -1,0 +1,36 @@
+"""Data quality through the whole flow: an injected spike is scored, flagged and stored."""
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from flows.feeds.simulated import SimulatedMarket
+from flows.pipeline import Flow, FlowConfig
+from flows.schema import NS, TradeBatch
+
+
+def test_spike_lowers_its_cell_and_is_flagged_in_the_store(tmp_path):
+    path = tmp_path / "q.zarr"
+    flow = Flow(FlowConfig(store=str(path)))
+    market = SimulatedMarket(flow.table, n_symbols=10, rate=200, start_ns=1_700_000_040 * NS, batch_ms=1000)
+    batches = list(market.batches(600))
+    victim = batches[300]
+    i = int(np.flatnonzero(victim.symbol == victim.symbol[0])[0])
+    price = victim.price.copy()
+    price[i] *= 1.5  # a bad print, 50 % off the market
+    batches[300] = TradeBatch(victim.time, victim.symbol, price, victim.size, victim.trade_id,
+                              victim.side, victim.recv_time, victim.count)
+    for b in batches:
+        flow.push(b)
+    flow.close()
+    q = xr.open_zarr(path, group="quality/1m").load()
+    symbol = flow.table.names[int(victim.symbol[i])]
+    minute = np.datetime64(int(victim.time[i] // (60 * NS) * 60 * NS), "ns")
+    cell = q.sel(symbol=symbol, time=minute)
+    assert float(cell.spike) < 100 and float(cell.score) < 100
+    others = q.drop_sel(symbol=symbol)
+    assert float(others.spike.min()) == 100.0  # nothing else was a spike
+    flags = xr.open_zarr(path, group="quality_flags").load()
+    assert "spike" in flags.reason.values.tolist()
+    assert int(flags.trade_id.values[flags.reason.values.tolist().index("spike")]) == int(victim.trade_id[i])
+    assert flow.counters.reconciles()
