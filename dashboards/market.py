@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import panel as pn
 import param
+from panel.io.state import set_curdoc
 from bokeh.layouts import gridplot
 from bokeh.models import (
     ColumnDataSource,
@@ -414,7 +415,20 @@ class MarketView(pn.viewable.Viewer):
         symbols = self._tiles.data["symbol"]
         index = int(new[0])
         self._tiles.selected.indices = []  # so clicking the same tile again opens it again
-        if 0 <= index < len(symbols):
+        if not 0 <= index < len(symbols):
+            return
+        # A Bokeh callback runs outside Panel's session context: enter it, so the page switch
+        # reaches this session's browser.
+        doc = self._tiles.document
+        if doc is not None and doc.session_context is not None:
+            with set_curdoc(doc):
+                import traceback
+                try:
+                    self.open_symbol(str(symbols[index]))
+                except Exception:
+                    traceback.print_exc()
+                print("opened", flush=True)
+        else:
             self.open_symbol(str(symbols[index]))
 
     def _on_row_click(self, key: str, event) -> None:

@@ -762,4 +762,11 @@ def analytics_values(analytics, tf: str) -> tuple[np.ndarray, dict[str, np.ndarr
     out = analytics.indicators[tf].outputs()
     provisional = out.pop("provisional")
     values.update(out)
-    return frame.times[: frame.n], values, provisional
+    times = frame.times[: frame.n]
+    if getattr(analytics, "quality", None) is not None:  # quality rules: score and components
+        q = analytics.quality.dataset(tf, analytics.table.names)
+        q = q.reindex(time=times.view("datetime64[ns]"))
+        for name, var in q.data_vars.items():
+            if var.dims == ("time", "symbol"):
+                values["quality" if name == "score" else f"quality_{name}"] = var.values.astype(np.float64)
+    return times, values, provisional

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--history", type=_positive_int, default=500, metavar="BARS",
                         help="bars per timeframe kept in memory (default: %(default)s)")
     common.add_argument("--fresh", action="store_true", help="delete the store first and start empty")
+    common.add_argument("--alerts", default=None, metavar="YAML",
+                        help="alert rules file (default: alerts.yaml in the store's .writer folder); "
+                             "fired alerts are appended to alerts.jsonl beside it")
     common.add_argument("--no-quality", action="store_true",
                         help="skip data-quality scoring (about 1 µs a trade; for the fastest replays)")
     common.add_argument("--symbols-file", default=None, metavar="CSV",
@@ -164,7 +167,7 @@ def _make_flow(args: argparse.Namespace, feed: str):
             raise UserError(f"--symbols-file: {args.symbols_file}: {exc}") from None
     flow = Flow(FlowConfig(store=str(store), timeframes=args.timeframes, window=args.window,
                            history=args.history, feed=feed, writer="process",
-                           quality=not args.no_quality))
+                           quality=not args.no_quality, alerts=args.alerts))
     flow.table.meta.update(meta)
     return flow
 

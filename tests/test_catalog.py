@@ -1,4 +1,9 @@
-"""The intake catalog: every entry reads exactly what ``xr.open_zarr`` reads, from any store."""
+"""The intake catalog: every entry reads exactly what ``xr.open_zarr`` reads, from any store.
+
+The test store has every group: bars and, with analytics on (the default), indicators,
+breadth, sectors, quality and quality_feed per timeframe; two invalid trades for
+``quarantine`` and one price spike for ``quality_flags``.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -13,11 +18,14 @@ from flows.schema import NS, TIMEFRAMES, TradeBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = ROOT / "catalogs" / "market.yaml"
-GROUPS = {**{f"bars_{tf}": f"bars/{tf}" for tf in TIMEFRAMES}, "quarantine": "quarantine"}
+FAMILIES = ("bars", "indicators", "breadth", "sectors", "quality", "quality_feed")
+GROUPS = {**{f"{family}_{tf}": f"{family}/{tf}" for family in FAMILIES for tf in TIMEFRAMES},
+          "quarantine": "quarantine", "quality_flags": "quality_flags"}
 
 
 def make_store(path: Path, minutes: int = 300, n_symbols: int = 20, rate: float = 5.0) -> Path:
-    """Write ``minutes`` of a simulated market (and two invalid trades) into a store at ``path``."""
+    """Write ``minutes`` of a simulated market, two invalid trades and a price spike (flagged,
+    kept in the bars) into a store at ``path``."""
     from flows.feeds.simulated import SimulatedMarket
 
     start = 1_700_000_000 * NS // (60 * NS) * (60 * NS)
@@ -30,6 +38,9 @@ def make_store(path: Path, minutes: int = 300, n_symbols: int = 20, rate: float 
     bad = flow.table.names[0]
     flow.push(TradeBatch.from_columns(flow.table, time=[end - NS, end - NS], symbol=[bad, bad],
                                       price=[-1.0, float("nan")], size=[1.0, 1.0]))
+    spiked = 3 * float(flow.bars("1m", bad)["close"].iloc[-1])
+    flow.push(TradeBatch.from_columns(flow.table, time=[end - NS], symbol=[bad], price=[spiked],
+                                      size=[1.0]))
     flow.close()
     return path
 

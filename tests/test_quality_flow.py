@@ -34,3 +34,26 @@ def test_spike_lowers_its_cell_and_is_flagged_in_the_store(tmp_path):
     assert "spike" in flags.reason.values.tolist()
     assert int(flags.trade_id.values[flags.reason.values.tolist().index("spike")]) == int(victim.trade_id[i])
     assert flow.counters.reconciles()
+
+
+def test_quality_rule_fires_on_the_spiked_symbol(tmp_path):
+    from flows.alerts import Rule
+
+    flow = Flow(FlowConfig(store=str(tmp_path / "a.zarr"), alerts=str(tmp_path / "alerts.yaml")))
+    flow.alerts.add_rule(Rule.parse("* quality_spike < 100 on 1m"))
+    market = SimulatedMarket(flow.table, n_symbols=10, rate=200, start_ns=1_700_000_040 * NS, batch_ms=1000)
+    batches = list(market.batches(600))
+    victim = batches[300]
+    price = victim.price.copy()
+    price[0] *= 1.5
+    batches[300] = TradeBatch(victim.time, victim.symbol, price, victim.size, victim.trade_id,
+                              victim.side, victim.recv_time, victim.count)
+    fired = []
+    flow.alerts.subscribe(fired.append)
+    for i, b in enumerate(batches):
+        flow.push(b)
+        if i % 60 == 0:
+            flow.flush()
+    flow.close()
+    assert [a.symbol for a in fired] == [flow.table.names[int(victim.symbol[0])]]
+    assert (tmp_path / "alerts.jsonl").read_text().count("\n") == 1
