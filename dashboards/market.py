@@ -417,19 +417,16 @@ class MarketView(pn.viewable.Viewer):
         self._tiles.selected.indices = []  # so clicking the same tile again opens it again
         if not 0 <= index < len(symbols):
             return
-        # A Bokeh callback runs outside Panel's session context: enter it, so the page switch
-        # reaches this session's browser.
+        # A Bokeh callback runs inside Bokeh's handling of the browser's change, where Panel's
+        # own updates (the page switch) would not reach the browser: run it on the next tick,
+        # in the session's context, as Panel's callbacks run.
+        symbol = str(symbols[index])
         doc = self._tiles.document
         if doc is not None and doc.session_context is not None:
             with set_curdoc(doc):
-                import traceback
-                try:
-                    self.open_symbol(str(symbols[index]))
-                except Exception:
-                    traceback.print_exc()
-                print("opened", flush=True)
+                pn.state.execute(lambda: self.open_symbol(symbol), schedule=True)
         else:
-            self.open_symbol(str(symbols[index]))
+            self.open_symbol(symbol)
 
     def _on_row_click(self, key: str, event) -> None:
         table = self.tables[key].value

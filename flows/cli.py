@@ -255,12 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from flows.feeds import FeedError
     from flows.store import StoreError
+    from flows.writer import WriterError
 
     _install_sigterm()
     handlers = {"serve": cmd_serve, "run": cmd_run, "replay": cmd_replay}
     try:
         return handlers[args.command](args)
-    except (UserError, FeedError, StoreError) as exc:
+    except (UserError, FeedError, StoreError, WriterError) as exc:
         print(f"tapeflow {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

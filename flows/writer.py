@@ -11,7 +11,9 @@ has landed when ``flush()`` returns, which tests and notebooks rely on).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -68,7 +70,21 @@ class InlineWriter:
         self.store.close()
 
 
-def _child(path: str, timeframes: tuple[str, ...], jobs: mp.Queue, done: mp.Queue) -> None:
+def _next_job(jobs: mp.Queue, parent: int):
+    """Wait for the next job; None when told to stop or when the parent is gone."""
+    while True:
+        try:
+            return jobs.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the parent died without saying goodbye
+                return None
+
+
+def _child(path: str, timeframes: tuple[str, ...], jobs: mp.Queue, done: mp.Queue, parent: int) -> None:
+    # Ctrl-C and SIGTERM go to the whole process group: the parent decides when we stop (after
+    # its final flush), so the child ignores them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         store = BarStore(path, timeframes, SymbolTable())
     except Exception as exc:  # reported to the parent as one line
@@ -76,7 +92,7 @@ def _child(path: str, timeframes: tuple[str, ...], jobs: mp.Queue, done: mp.Queu
         return
     done.put(("ready", 0.0))
     try:
-        while (job := jobs.get()) is not None:
+        while (job := _next_job(jobs, parent)) is not None:
             done.put(("flushed", apply_job(store, job)))
     except Exception as exc:
         done.put(("error", f"{type(exc).__name__}: {exc}"))
@@ -102,7 +118,7 @@ class WriterProcess:
         ctx = mp.get_context("spawn")  # no fork of a process with running threads
         self._jobs: mp.Queue = ctx.Queue(depth)
         self._done: mp.Queue = ctx.Queue()
-        self._proc = ctx.Process(target=_child, args=(path, timeframes, self._jobs, self._done),
+        self._proc = ctx.Process(target=_child, args=(path, timeframes, self._jobs, self._done, os.getpid()),
                                  name="tapeflow-writer", daemon=True)
         self._proc.start()
         kind, value = self._done.get(timeout=120)
