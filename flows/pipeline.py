@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import xarray as xr
 from streamz import Stream
 
 from flows.alerts import Alert, AlertEngine, analytics_values
@@ -304,7 +305,7 @@ class Flow:
         self.stats.snapshot_ms.append((time.perf_counter() - t0) * 1000)
         self.stats.last_flush_wall = time.time()
 
-    def _evaluate_alerts(self, tf: str, changed: "xr.Dataset") -> list[Alert]:
+    def _evaluate_alerts(self, tf: str, changed: xr.Dataset) -> list[Alert]:
         """Evaluate the alert rules of ``tf`` from its first changed row (logged, not yet emitted)."""
         if not changed.sizes["time"]:
             return []
@@ -376,19 +377,19 @@ class Flow:
         with self.lock:
             return self.engine.symbol_frame(tf, code, n)
 
-    def indicators(self, tf: str) -> "xr.Dataset":
+    def indicators(self, tf: str) -> xr.Dataset:
         """The indicators of ``tf`` over the rolling window (refreshed first)."""
         with self.lock:
             self.analytics.refresh()
             return self.analytics.indicators_dataset(tf)
 
-    def breadth(self, tf: str) -> "xr.Dataset":
+    def breadth(self, tf: str) -> xr.Dataset:
         """Market breadth of ``tf`` over the rolling window (refreshed first)."""
         with self.lock:
             self.analytics.refresh()
             return self.analytics.breadth_dataset(tf)
 
-    def sectors(self, tf: str) -> "xr.Dataset":
+    def sectors(self, tf: str) -> xr.Dataset:
         """Sector figures of ``tf`` over the rolling window (refreshed first)."""
         with self.lock:
             self.analytics.refresh()

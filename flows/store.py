@@ -46,7 +46,6 @@ TIME_UNITS = "nanoseconds since 1970-01-01"
 CHUNK_TIME = 64
 CHUNK_SYMBOLS = 512
 _FILL = {"volume": 0.0, "trades": 0}
-QUARANTINE_FIELDS = ("time", "symbol", "price", "size", "trade_id", "reason", "raw")
 
 
 async def _write_arrays(path: str, writes: list[tuple[str, tuple, tuple, np.ndarray]]) -> None:
@@ -73,7 +72,7 @@ _BLOSC = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE)
 def _patch_chunks(array_dir: Path, block: np.ndarray, row0: int, dtype: str) -> None:
     """Overwrite rows ``row0:row0+len(block)`` of a 2-D bars array by rewriting its chunk files.
 
-    Only for arrays made by :func:`bars_encoding` ("."-separated keys, bytes + blosc codecs),
+    Only for arrays made by :func:`rows_encoding` ("."-separated keys, bytes + blosc codecs),
     and only within the array's current shape.
     """
     ct, cs = CHUNK_TIME, CHUNK_SYMBOLS
@@ -174,110 +173,6 @@ def rows_encoding(ds: xr.Dataset) -> dict:
         fill = _fill(name, var.dtype)
         if not (isinstance(fill, float) and np.isnan(fill)):  # no NaN masking of real zeros
             enc[name]["fill_value"] = fill
-            enc[name]["_FillValue"] = None
-    return enc
-
-
-bars_encoding = rows_encoding
-
-
-_BLOSC = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE)
-
-
-def _patch_chunks(array_dir: Path, block: np.ndarray, row0: int, dtype: str) -> None:
-    """Overwrite rows ``row0:row0+len(block)`` of a 2-D bars array by rewriting its chunk files.
-
-    Only for arrays made by :func:`bars_encoding` ("."-separated keys, bytes + blosc codecs),
-    and only within the array's current shape.
-    """
-    ct, cs = CHUNK_TIME, CHUNK_SYMBOLS
-    fill = _fill(array_dir.name, dtype)
-    rows = np.arange(row0, row0 + len(block))
-    for ci in range(row0 // ct, (rows[-1] // ct) + 1):
-        r0, r1 = max(row0, ci * ct), min(row0 + len(block), (ci + 1) * ct)
-        for cj in range((block.shape[1] - 1) // cs + 1):
-            path = array_dir / f"c.{ci}.{cj}"
-            try:
-                chunk = np.frombuffer(_BLOSC.decode(path.read_bytes()), dtype="<" + np.dtype(dtype).str[1:])
-                chunk = chunk.reshape(ct, cs).copy()
-            except FileNotFoundError:
-                chunk = np.full((ct, cs), fill, dtype=dtype)
-            part = block[r0 - row0 : r1 - row0, cj * cs : (cj + 1) * cs]
-            chunk[r0 - ci * ct : r1 - ci * ct, : part.shape[1]] = part
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(_BLOSC.encode(np.ascontiguousarray(chunk, dtype="<" + np.dtype(dtype).str[1:])))
-            os.replace(tmp, path)
-
-
-def writer_dir(path: str | os.PathLike) -> Path:
-    """The folder beside a store that holds its writer's lock and checkpoint."""
-    path = Path(path)
-    return path.with_name(path.name + ".writer")
-
-
-_NAN_B64 = "AAAAAAAA+H8="  # xarray's _FillValue attribute for a float64 NaN
-
-
-async def _create_group(path: str, ds: xr.Dataset) -> None:
-    """Create a time-indexed group in xarray's Zarr v3 layout and write ``ds`` into it.
-
-    Equivalent to ``ds.to_zarr(..., encoding=rows_encoding(ds))`` (the tests compare both),
-    but every array is created and written concurrently: xarray's writer costs ~100 ms a group.
-    """
-    group = await zarr_async.open_group(store=path, mode="w", zarr_format=3)
-    enc = rows_encoding(ds)
-    flat = {"name": "default", "separator": "."}
-
-    async def make(name: str, var: xr.Variable) -> None:
-        values = var.values
-        attrs = dict(var.attrs)
-        kw: dict = {"dimension_names": var.dims, "chunk_key_encoding": flat}
-        if name == "time":
-            values = values.view("int64")
-            attrs.update(units=TIME_UNITS, calendar="proleptic_gregorian")
-            kw.update(chunks=(CHUNK_TIME,), fill_value=0)
-        elif values.dtype.kind in "OUT":  # labels: variable-length strings
-            values = np.asarray(values, dtype=object).astype(str)
-            kw.update(dtype=str, chunks=(max(len(values), 1),), fill_value="")
-            kw["chunk_key_encoding"] = {"name": "default", "separator": "/"}
-        else:
-            e = enc[name]
-            kw.update(chunks=e["chunks"], compressors=e["compressors"])
-            if "fill_value" in e:
-                kw["fill_value"] = e["fill_value"]
-            else:
-                kw["fill_value"] = np.nan
-                attrs["_FillValue"] = _NAN_B64
-        arr = await group.create_array(name, shape=values.shape, dtype=kw.pop("dtype", values.dtype),
-                                       attributes=attrs, **kw)
-        if values.size:
-            await arr.setitem(tuple(slice(None) for _ in values.shape), values)
-
-    await asyncio.gather(*(make(n, v.variable) for n, v in {**ds.coords, **ds.data_vars}.items()))
-
-
-class StoreError(Exception):
-    """A store problem a user can act on (one line)."""
-
-
-class StoreLockedError(StoreError):
-    """Another process is writing the store."""
-
-
-def bars_encoding(ds: xr.Dataset) -> dict:
-    """Return the Zarr encoding for a bars dataset: integer time, chunking, fill values.
-
-    Chunk keys use "." (``c.0.0``), so a version copy creates no nested directories; blosc/lz4
-    with byte shuffle keeps a flush's re-encoding of its tail chunks cheap.
-    """
-    flat = {"name": "default", "separator": "."}
-    enc = {"time": {"dtype": "int64", "units": TIME_UNITS, "calendar": "proleptic_gregorian",
-                    "chunks": (CHUNK_TIME,), "chunk_key_encoding": flat}}
-    for name in ds.data_vars:
-        enc[name] = {"chunks": (CHUNK_TIME, CHUNK_SYMBOLS), "chunk_key_encoding": flat,
-                     "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]}
-        if name in _FILL:  # a bar with no trades has volume 0 and trades 0, not NaN
-            enc[name]["fill_value"] = _FILL[name]
             enc[name]["_FillValue"] = None
     return enc
 
