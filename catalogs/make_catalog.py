@@ -4,10 +4,10 @@ One entry per stored group: per timeframe ``bars_{tf}``, ``indicators_{tf}``, ``
 ``sectors_{tf}``, ``quality_{tf}`` and ``quality_feed_{tf}`` (group ``bars/{tf}`` ...), plus the
 record groups ``quarantine`` and ``quality_flags``. Each is a ``datatypes.Zarr`` (the data:
 store + group) read by ``XArrayDatasetReader`` (the reader), so ``cat["bars_1m"].read()``
-equals ``xr.open_zarr(store, group="bars/1m")``. Groups appear in a store once written: the
-analytics groups with analytics on, ``quality_flags`` after the first flagged trade. The store is the
-user parameter ``store``: ``$TAPEFLOW_STORE`` when set, else ``data/market.zarr`` beside this
-folder (see :mod:`flows.catalog`). Run ``make catalog`` (or this script) after changing it;
+equals ``xr.open_zarr(store, group="bars/1m")``. Groups appear in a store once written (the
+analytics groups with analytics on, ``quality_flags`` after the first flagged trade). The store
+is the user parameter ``store``: ``$TAPEFLOW_STORE`` when set, else ``data/market.zarr`` beside
+this folder (see :mod:`flows.catalog`). Run ``make catalog`` (or this script) after changing it;
 ``tests/test_catalog.py`` fails when the committed YAML differs from this script's output.
 
 Usage::

@@ -478,16 +478,15 @@ class MarketView(pn.viewable.Viewer):
         """Replace every chart's data for ``state.timeframe``."""
         tf = self.state.timeframe
         self._seen_version = self.source.version()
-        with pn.io.hold():
-            width = 0.8 * TIMEFRAMES.get(tf, TIMEFRAMES["1m"]) / 1e6
-            for renderer in self._breadth_bars:
-                renderer.glyph.width = width
-            if self._tf_input.value != tf:
-                self._tf_input.value = tf
-            self._breadth.data = _breadth_columns(self._fetch("breadth"))
-            self._set_tiles(self._fetch("heatmap"), replace=True)
-            self._update_sectors()
-            self._update_summary()
+        width = 0.8 * TIMEFRAMES.get(tf, TIMEFRAMES["1m"]) / 1e6
+        for renderer in self._breadth_bars:
+            renderer.glyph.width = width
+        if self._tf_input.value != tf:
+            self._tf_input.value = tf
+        self._breadth.data = _breadth_columns(self._fetch("breadth"))
+        self._set_tiles(self._fetch("heatmap"), replace=True)
+        self._update_sectors()
+        self._update_summary()
 
     def refresh(self) -> bool:
         """Apply what changed in the source since the last call; return whether anything did.
@@ -499,11 +498,12 @@ class MarketView(pn.viewable.Viewer):
         if version == self._seen_version:
             return False
         self._seen_version = version
-        with pn.io.hold():
-            self._update_breadth(_breadth_columns(self._fetch("breadth")))
-            self._set_tiles(self._fetch("heatmap"))
-            self._update_sectors()
-            self._update_summary()
+        # No pn.io.hold() here: inside one (Panel 1.9), these Bokeh data events were never
+        # sent to the browser, while Panel's own widget updates were.
+        self._update_breadth(_breadth_columns(self._fetch("breadth")))
+        self._set_tiles(self._fetch("heatmap"))
+        self._update_sectors()
+        self._update_summary()
         return True
 
     def _fetch(self, what: str):

@@ -387,10 +387,10 @@ class MonitorView(pn.viewable.Viewer):
             return False
         self._seen = seq
         new = {k: np.array([row[k] for row in rows], dtype=float) for k in ("time", *SERIES)}
-        with pn.io.hold():
-            self._data.stream(new, rollover=HISTORY)
-            self.cache_figure.visible = self.collector.cache is not None
-            self._update_cards(self.collector.latest())
+        # No pn.io.hold(): see MarketView.refresh.
+        self._data.stream(new, rollover=HISTORY)
+        self.cache_figure.visible = self.collector.cache is not None
+        self._update_cards(self.collector.latest())
         return True
 
     def _update_cards(self, latest: dict) -> None:
