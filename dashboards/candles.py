@@ -17,7 +17,6 @@ Range behaviour (what a user sees)
 """
 from __future__ import annotations
 
-import contextlib
 import html
 import math
 
@@ -59,19 +58,6 @@ const pad = (ymax - ymin) * 0.06 || Math.abs(ymax) * 0.01 || 1;
 y.setv({start: ymin - pad, end: ymax + pad});
 v.setv({start: 0, end: vmax > 0 ? vmax * 1.1 : 1});
 """
-
-
-def _hold():
-    """Batch a view's model changes into one message, except inside a Panel event callback.
-
-    A ``pn.io.hold()`` opened while Panel dispatches a browser event (a page switch in the
-    app builds this view there) lost the Bokeh data events made inside it (Panel 1.9), so it
-    is only used from periodic callbacks and outside a server.
-    """
-    doc = pn.state.curdoc
-    if True:
-        return contextlib.nullcontext()
-    return pn.io.hold()
 
 
 def _decimals(price: float) -> int:
@@ -322,7 +308,7 @@ class CandlesView(pn.viewable.Viewer):
         self._seen_version = self.source.version()
         bars = self._fetch(self.state.lookback)
         width = 0.8 * TIMEFRAMES[tf] / 1e6
-        with _hold():
+        with pn.io.hold():
             for glyph in self._bar_glyphs:
                 glyph.width = width
             self._fit_y_js.args = {**self._fit_y_js.args, "half": width / 2}
@@ -353,7 +339,7 @@ class CandlesView(pn.viewable.Viewer):
             return False
         self._seen_version = version
         symbols = list(self.source.symbols())
-        with _hold():
+        with pn.io.hold():
             if symbols != self._symbols:
                 self._symbols = symbols
                 self._symbol_input.options = self._options(self.state.symbol)
