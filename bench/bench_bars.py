@@ -267,8 +267,16 @@ def cross_check(engine: BarEngine, ref: dict, tfs=("1m", "1h")) -> dict[str, str
 
 # --------------------------------------------------------------------------- end to end
 
-def end_to_end(path: Path, store: Path) -> dict:
-    """``tapeflow replay FILE --store STORE --fresh``, in-process; return figures as a dict."""
+VARIANTS = {  # what `tapeflow replay` computes: flags -> FlowConfig
+    "bars + analytics + quality": {},
+    "bars + analytics (--no-quality)": {"quality": False},
+    "bars only (--no-analytics --no-quality)": {"quality": False, "analytics": False},
+}
+
+
+def end_to_end(path: Path, store: Path, variant: str) -> dict:
+    """``tapeflow replay FILE --store STORE --fresh [flags]``, in-process (the CLI's writer
+    process included); return figures as a dict."""
     from flows.pipeline import Flow, FlowConfig
     from flows.runner import replay_files
     from flows.store import writer_dir
@@ -277,7 +285,7 @@ def end_to_end(path: Path, store: Path) -> dict:
     shutil.rmtree(writer_dir(store), ignore_errors=True)
     rss0 = rss_mb()
     t0 = time.perf_counter()
-    flow = Flow(FlowConfig(store=str(store)))
+    flow = Flow(FlowConfig(store=str(store), writer="process", **VARIANTS[variant]))
     summary = replay_files(flow, [str(path)])
     t1 = time.perf_counter()
     flow.close()
@@ -289,9 +297,9 @@ def end_to_end(path: Path, store: Path) -> dict:
             "store_mb": sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 2**20}
 
 
-def end_to_end_child(path: Path, store: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--e2e-child", str(path), "--store", str(store)],
-                         check=True, capture_output=True, text=True)
+def end_to_end_child(path: Path, store: Path, variant: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--e2e-child", str(path), "--store", str(store),
+                          "--variant", variant], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -318,9 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baselines", action="store_true", help="skip pandas and polars")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end replay")
     p.add_argument("--e2e-child", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default=next(iter(VARIANTS)), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.e2e_child:
-        print(json.dumps(end_to_end(Path(args.e2e_child), Path(args.store))))
+        print(json.dumps(end_to_end(Path(args.e2e_child), Path(args.store), args.variant)))
         return 0
 
     n = args.trades
@@ -380,14 +389,17 @@ def main(argv: list[str] | None = None) -> int:
 
     e2e = []
     if not args.no_e2e:
-        for _ in range(args.repeat):
-            e2e.append(end_to_end_child(path, Path(args.store)))
-            print(f"  end to end: {e2e[-1]['seconds']:.2f} s", flush=True)
-        s = [r["seconds"] for r in e2e]
-        rows.append(("end to end: replay -> store", secs_range(s), rate_range(n, s),
-                     "parse+validate+bars+flush; target >= 5"))
-        rows.append(("  of which final flush (close)", secs_range([r["close_s"] for r in e2e]), "",
-                     f"store {e2e[-1]['store_mb']:.0f} MiB"))
+        for variant in VARIANTS:
+            runs = []
+            for _ in range(args.repeat):
+                runs.append(end_to_end_child(path, Path(args.store), variant))
+                print(f"  end to end, {variant}: {runs[-1]['seconds']:.2f} s", flush=True)
+            s = [r["seconds"] for r in runs]
+            rows.append((f"end to end: {variant}", secs_range(s), rate_range(n, s),
+                         "replay -> store; target >= 5"))
+            rows.append(("  of which final flush (close)", secs_range([r["close_s"] for r in runs]), "",
+                         f"store {runs[-1]['store_mb']:.0f} MiB"))
+            e2e += runs
 
     w = max(len(r[0]) for r in rows)
     print()

@@ -27,11 +27,13 @@ from bokeh.layouts import gridplot
 from bokeh.models import (
     ColumnDataSource,
     DataRange1d,
+    DataTable,
     FactorRange,
     FixedTicker,
     HoverTool,
     NumberFormatter,
     Range1d,
+    TableColumn,
     TapTool,
 )
 from bokeh.plotting import figure
@@ -188,6 +190,15 @@ def movers(frame: pd.DataFrame, n: int = TOP_N) -> dict[str, pd.DataFrame]:
             for key, table in (("gainers", gainers), ("losers", losers), ("active", active))}
 
 
+_TABLE_FIELDS = ("symbol", "name", "sector", "return", "volume")
+
+
+def _table_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Return a movers table's columns (writable arrays)."""
+    return {k: np.array(frame[k].tolist(), dtype=object if k in ("symbol", "name", "sector")
+                        else float) for k in _TABLE_FIELDS}
+
+
 def _breadth_columns(ds) -> dict[str, np.ndarray]:
     """Return the breadth chart's columns (decliners and new lows negated, drawn downwards)."""
     data = {"time": np.array(ds["time"].values, dtype="datetime64[ns]", copy=True)}
@@ -270,6 +281,12 @@ class MarketView(pn.viewable.Viewer):
             value=self.state.timeframe, css_classes=["tapeflow-tf"])
         self._tf_input.param.watch(self._on_tf_input, "value")
         self._summary = pn.pane.HTML("", css_classes=["tapeflow-summary"], min_width=400)
+        import os
+        parts = os.environ.get("PARTS", "hbtsx")
+        if parts != "all":
+            self._layout = pn.Column(*[{"h": self._heatmap_pane, "b": self._breadth_pane, "t": self._tables, "s": self._sector_pane, "x": self._summary, "f": self._tf_input}[c] for c in parts], sizing_mode="stretch_width")
+            self.reload()
+            return
         self._layout = pn.Column(
             pn.Row(self._tf_input, self._summary, sizing_mode="stretch_width"),
             pn.Row(pn.Column(pn.pane.HTML("<b>Sector heatmap</b> · return against the previous "
@@ -382,22 +399,35 @@ class MarketView(pn.viewable.Viewer):
         self._sector_pane = pn.pane.Bokeh(fig, width=470)
 
     def _build_tables(self) -> None:
+        # Bokeh DataTables (not Panel's Tabulator: with one on the page, Panel 1.9 stopped
+        # sending this session's later layout changes, such as a page switch, to the browser).
         empty = movers(pd.DataFrame(columns=list(HEATMAP_COLUMNS)))
-        formatters = {"return": NumberFormatter(format="+0.00%"),
-                      "volume": NumberFormatter(format="0,0")}
-        self.tables = {
-            key: pn.widgets.Tabulator(
-                frame, show_index=False, disabled=True, selectable=False, height=330,
-                sizing_mode="stretch_width", formatters=formatters, layout="fit_data_fill",
-                hidden_columns=["sector"], css_classes=[f"tapeflow-{key}"],
-                theme="midnight" if pn.config.theme == "dark" else "simple")
-            for key, frame in empty.items()
-        }
-        for key, table in self.tables.items():
-            table.on_click(lambda event, key=key: self._on_row_click(key, event))
+        columns = [
+            TableColumn(field="symbol", title="symbol", width=70),
+            TableColumn(field="name", title="name", width=170),
+            TableColumn(field="return", title="return", width=70,
+                        formatter=NumberFormatter(format="+0.00%", text_align="right")),
+            TableColumn(field="volume", title="volume", width=100,
+                        formatter=NumberFormatter(format="0,0", text_align="right")),
+        ]
+        self._movers = {key: ColumnDataSource(_table_columns(frame), name=f"movers_{key}")
+                        for key, frame in empty.items()}
         labels = {"gainers": "Top gainers", "losers": "Top losers", "active": "Most active"}
-        self._tables = pn.Tabs(*[(labels[k], t) for k, t in self.tables.items()],
-                               sizing_mode="stretch_width")
+        tabs = []
+        for key, cds in self._movers.items():
+            table = DataTable(source=cds, columns=columns, index_position=None, height=330,
+                              sizing_mode="stretch_width", sortable=False, reorderable=False,
+                              name=f"table_{key}")
+            cds.selected.on_change("indices", lambda attr, old, new, key=key:
+                                   self._on_row_selected(key, new))
+            tabs.append((labels[key], pn.pane.Bokeh(table, sizing_mode="stretch_width")))
+        self._tables = pn.Tabs(*tabs, sizing_mode="stretch_width")
+
+    @property
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The movers tables shown: ``gainers``, ``losers`` and ``active``."""
+        return {key: pd.DataFrame({k: cds.data[k] for k in _TABLE_FIELDS})
+                for key, cds in self._movers.items()}
 
     def __panel__(self) -> pn.viewable.Viewable:
         self.start()
@@ -410,28 +440,29 @@ class MarketView(pn.viewable.Viewer):
         self.state.param.update(symbol=symbol, page="candles")
 
     def _on_tile_selected(self, attr: str, old: list[int], new: list[int]) -> None:
+        self._open_selected(self._tiles, new)
+
+    def _on_row_selected(self, key: str, new: list[int]) -> None:
+        self._open_selected(self._movers[key], new)
+
+    def _open_selected(self, cds: ColumnDataSource, new: list[int]) -> None:
+        """Open the symbol of the selected row of ``cds`` (a tap on a tile or table row)."""
         if not new:
             return
-        symbols = self._tiles.data["symbol"]
+        symbols = cds.data["symbol"]
         index = int(new[0])
-        self._tiles.selected.indices = []  # so clicking the same tile again opens it again
+        cds.selected.indices = []  # so clicking the same one again opens it again
         if not 0 <= index < len(symbols):
             return
-        # A Bokeh callback runs inside Bokeh's handling of the browser's change, where Panel's
-        # own updates (the page switch) would not reach the browser: run it on the next tick,
-        # in the session's context, as Panel's callbacks run.
         symbol = str(symbols[index])
-        doc = self._tiles.document
+        # A Bokeh callback runs inside Bokeh's handling of the browser's change: run the page
+        # switch on the next tick, in the session's context, as Panel's own callbacks run.
+        doc = cds.document
         if doc is not None and doc.session_context is not None:
             with set_curdoc(doc):
                 pn.state.execute(lambda: self.open_symbol(symbol), schedule=True)
         else:
             self.open_symbol(symbol)
-
-    def _on_row_click(self, key: str, event) -> None:
-        table = self.tables[key].value
-        if 0 <= event.row < len(table):
-            self.open_symbol(str(table["symbol"].iloc[event.row]))
 
     def _on_tf_input(self, event: param.parameterized.Event) -> None:
         if event.new and event.new != self.state.timeframe:
@@ -563,10 +594,11 @@ class MarketView(pn.viewable.Viewer):
             self.heatmap_figure.x_range.update(start=0, end=columns)
             self.heatmap_figure.y_range.update(start=-rows, end=0)
             self.heatmap_figure.height = max(120, 36 * rows + 10)
-        tables = movers(frame)
-        for key, table in self.tables.items():
-            if not table.value.equals(tables[key]):
-                table.value = tables[key]
+        for key, table in movers(frame).items():
+            data = _table_columns(table)
+            shown = self._movers[key].data
+            if not all(np.array_equal(shown[k], data[k]) for k in _TABLE_FIELDS):
+                self._movers[key].data = data
 
     def _update_sectors(self) -> None:
         data = _sector_columns(self._fetch("sectors"))

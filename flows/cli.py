@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--alerts", default=None, metavar="YAML",
                         help="alert rules file (default: alerts.yaml in the store's .writer folder); "
                              "fired alerts are appended to alerts.jsonl beside it")
+    common.add_argument("--no-analytics", action="store_true",
+                        help="bars only: no indicators, breadth, sectors, quality or alerts")
     common.add_argument("--no-quality", action="store_true",
                         help="skip data-quality scoring (about 1 µs a trade; for the fastest replays)")
     common.add_argument("--symbols-file", default=None, metavar="CSV",
@@ -167,7 +169,8 @@ def _make_flow(args: argparse.Namespace, feed: str):
             raise UserError(f"--symbols-file: {args.symbols_file}: {exc}") from None
     flow = Flow(FlowConfig(store=str(store), timeframes=args.timeframes, window=args.window,
                            history=args.history, feed=feed, writer="process",
-                           quality=not args.no_quality, alerts=args.alerts))
+                           quality=not args.no_quality, alerts=args.alerts,
+                           analytics=not args.no_analytics))
     flow.table.meta.update(meta)
     return flow
 
