@@ -124,6 +124,7 @@ class App(pn.viewable.Viewer):
         super().__init__(source=source, state=state, **params)
         self.theme = theme
         self.views: dict[str, pn.viewable.Viewer] = {}
+        self._panels: dict[str, pn.viewable.Viewable] = {}
         self._callback: pn.io.PeriodicCallback | None = None
         css = _page_css(theme)
         self._title = pn.pane.HTML("", stylesheets=[css], css_classes=["tapeflow-header-title"])
@@ -168,9 +169,13 @@ class App(pn.viewable.Viewer):
     def _show(self) -> None:
         page = self.state.page
         view = self._view(page)
+        if page not in self._panels:
+            self._panels[page] = pn.panel(view)
+            self._main.append(self._panels[page])
         for key, other in self.views.items():
             if key != page:
                 other.stop()
+            self._panels[key].visible = key == page
         if self._nav.value != page:
             self._nav.value = page
         self._page_title.title = f"{TITLE} · {PAGES[page]}"
@@ -179,7 +184,6 @@ class App(pn.viewable.Viewer):
         doc = pn.state.curdoc
         if doc is not None and doc.session_context is not None:
             view.start()
-        self._main.objects = [view]
 
     def _update_feed(self) -> None:
         status = self.source.status()

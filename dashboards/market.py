@@ -23,7 +23,7 @@ import pandas as pd
 import panel as pn
 import param
 from panel.io.state import set_curdoc
-from bokeh.layouts import gridplot
+from bokeh.layouts import column
 from bokeh.models import (
     ColumnDataSource,
     DataRange1d,
@@ -281,12 +281,6 @@ class MarketView(pn.viewable.Viewer):
             value=self.state.timeframe, css_classes=["tapeflow-tf"])
         self._tf_input.param.watch(self._on_tf_input, "value")
         self._summary = pn.pane.HTML("", css_classes=["tapeflow-summary"], min_width=400)
-        import os
-        parts = os.environ.get("PARTS", "hbtsx")
-        if parts != "all":
-            self._layout = pn.Column(*[{"h": self._heatmap_pane, "b": self._breadth_pane, "t": self._tables, "s": self._sector_pane, "x": self._summary, "f": self._tf_input}[c] for c in parts], sizing_mode="stretch_width")
-            self.reload()
-            return
         self._layout = pn.Column(
             pn.Row(self._tf_input, self._summary, sizing_mode="stretch_width"),
             pn.Row(pn.Column(pn.pane.HTML("<b>Sector heatmap</b> · return against the previous "
@@ -348,9 +342,9 @@ class MarketView(pn.viewable.Viewer):
         for fig in (ad, line, hl):
             fig.xaxis.visible = False
         self.breadth_figures = (ad, line, hl, pct)
-        grid = gridplot([[fig] for fig in self.breadth_figures], sizing_mode="stretch_width",
-                        toolbar_location="right", merge_tools=True)
-        self._breadth_pane = pn.pane.Bokeh(grid, sizing_mode="stretch_width")
+        self._breadth_pane = pn.pane.Bokeh(column(*self.breadth_figures,
+                                                  sizing_mode="stretch_width"),
+                                           sizing_mode="stretch_width")
 
     def _build_heatmap(self) -> None:
         empty = heatmap_tiles(pd.DataFrame(columns=list(HEATMAP_COLUMNS)))
@@ -399,8 +393,7 @@ class MarketView(pn.viewable.Viewer):
         self._sector_pane = pn.pane.Bokeh(fig, width=470)
 
     def _build_tables(self) -> None:
-        # Bokeh DataTables (not Panel's Tabulator: with one on the page, Panel 1.9 stopped
-        # sending this session's later layout changes, such as a page switch, to the browser).
+        # Bokeh DataTables: offline, and a tapped row selects like a tapped tile does.
         empty = movers(pd.DataFrame(columns=list(HEATMAP_COLUMNS)))
         columns = [
             TableColumn(field="symbol", title="symbol", width=70),
@@ -529,8 +522,6 @@ class MarketView(pn.viewable.Viewer):
         if version == self._seen_version:
             return False
         self._seen_version = version
-        # No pn.io.hold() here: inside one (Panel 1.9), these Bokeh data events were never
-        # sent to the browser, while Panel's own widget updates were.
         self._update_breadth(_breadth_columns(self._fetch("breadth")))
         self._set_tiles(self._fetch("heatmap"))
         self._update_sectors()

@@ -19,7 +19,7 @@ import numpy as np
 import panel as pn
 import param
 import psutil
-from bokeh.layouts import gridplot
+from bokeh.layouts import column, row
 from bokeh.models import ColumnDataSource, DataRange1d, HoverTool, LinearAxis
 from bokeh.plotting import figure
 
@@ -315,7 +315,7 @@ class MonitorView(pn.viewable.Viewer):
         x_range = DataRange1d(range_padding=0.01, follow="end", follow_interval=HISTORY * 1000.0)
         common = dict(x_axis_type="datetime", x_range=x_range, height=200,
                       sizing_mode="stretch_width", tools="xpan,xwheel_zoom,reset,save",
-                      toolbar_location=None, min_border_left=60)
+                      toolbar_location="right", min_border_left=60)
 
         def lines(fig, specs, right: str | None = None):
             """Draw ``(column, label, colour)`` lines; the last on a right axis named ``right``."""
@@ -351,9 +351,11 @@ class MonitorView(pn.viewable.Viewer):
                                   [("cache_hit_pct", "hit rate %", "#ef5350"),
                                    ("cache_entries", "entries", "#26a69a")], right="entries")
         self.cache_figure.visible = self.collector.cache is not None
-        grid = gridplot([[self.throughput_figure, self.flush_figure],
-                         [self.process_figure, self.cache_figure]],
-                        sizing_mode="stretch_width", toolbar_location="right")
+        # Plain rows and columns: a Bokeh GridPlot inside Panel never reports itself rendered
+        # (the document stays busy and later page switches do not reach the browser).
+        grid = column(row(self.throughput_figure, self.flush_figure, sizing_mode="stretch_width"),
+                      row(self.process_figure, self.cache_figure, sizing_mode="stretch_width"),
+                      sizing_mode="stretch_width")
         self._figures_pane = pn.pane.Bokeh(grid, sizing_mode="stretch_width")
 
     def __panel__(self) -> pn.viewable.Viewable:
@@ -387,7 +389,6 @@ class MonitorView(pn.viewable.Viewer):
             return False
         self._seen = seq
         new = {k: np.array([row[k] for row in rows], dtype=float) for k in ("time", *SERIES)}
-        # No pn.io.hold(): see MarketView.refresh.
         self._data.stream(new, rollover=HISTORY)
         self.cache_figure.visible = self.collector.cache is not None
         self._update_cards(self.collector.latest())

@@ -137,11 +137,11 @@ def test_clicking_a_tile_opens_its_candles(market: MarketView) -> None:
 
 
 def test_clicking_a_mover_opens_its_candles(market: MarketView) -> None:
-    top = market.tables["losers"].value["symbol"].iloc[1]
+    second = market.tables["losers"]["symbol"].iloc[1]
 
-    market._on_row_click("losers", type("Click", (), {"row": 1})())
+    market._movers["losers"].selected.indices = [1]  # a tapped table row
 
-    assert (market.state.symbol, market.state.page) == (top, "candles")
+    assert (market.state.symbol, market.state.page) == (second, "candles")
 
 
 # -- movers and sectors ------------------------------------------------------------------------
@@ -149,9 +149,9 @@ def test_clicking_a_mover_opens_its_candles(market: MarketView) -> None:
 
 def test_top_movers_are_sorted(market: MarketView, source: FrameSource) -> None:
     heat = source.heatmap("1m")
-    gainers = market.tables["gainers"].value
-    losers = market.tables["losers"].value
-    active = market.tables["active"].value
+    gainers = market.tables["gainers"]
+    losers = market.tables["losers"]
+    active = market.tables["active"]
 
     assert list(gainers["symbol"]) == list(
         heat[heat["return"] > 0].nlargest(10, "return")["symbol"])
@@ -308,11 +308,12 @@ def test_app_switches_pages_and_stops_hidden_ones(source: FrameSource) -> None:
 
     app._nav.value = "market"
     market = app.view
-    assert isinstance(market, MarketView) and app._main.objects[0] is market._layout
-    assert market._callback is not None  # shown: refreshing
+    assert isinstance(market, MarketView) and market._callback is not None  # shown: refreshing
+    assert [p.visible for p in app._main.objects] == [False, True]
 
     app.state.page = "monitor"
     assert isinstance(app.view, MonitorView) and market._callback is None
+    assert [p.visible for p in app._main.objects] == [False, False, True]
     assert "Monitor" in app._title.object
 
     app.state.page = "market"  # built once, reused

@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from datetime import datetime, timezone
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from flows.schema import BUY, NS, SELL, Quarantine, SymbolTable, TradeBatch
 
@@ -28,7 +29,7 @@ __all__ = ["CoinbaseParser", "capture_frames", "iso_to_ns", "subscribe_message"]
 
 #: Frame types that carry a trade.
 MATCH_TYPES = ("match", "last_match")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_ID = 2**62
 
 
@@ -61,7 +62,7 @@ def iso_to_ns(text: str) -> int:
         raise TypeError(f"time must be text, got {type(text).__name__}")
     dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     delta = dt - _EPOCH
     return (delta.days * 86400 + delta.seconds) * NS + delta.microseconds * 1000
 
@@ -97,8 +98,8 @@ def _raw(frame: Any) -> str:
         return frame
     try:
         return json.dumps(frame, separators=(",", ":"), default=str)
-    except (TypeError, ValueError):
-        return repr(frame)
+    except (TypeError, ValueError, RecursionError):
+        return repr(frame)[:500]
 
 
 class CoinbaseParser:
@@ -115,8 +116,8 @@ class CoinbaseParser:
       "next_trade_id", "missing"}``;
     - ``out_of_order``: matches whose ``sequence`` is not above the product's last one
       (replayed or reordered frames; still parsed -- the validator drops true duplicates);
-    - ``error``: the message of an ``error`` frame (a refused subscription: retrying the same
-      request will not help, so the connection layer should treat it as fatal).
+    - ``fatal``: the message of an ``error`` frame (a refused subscription or bad request:
+      sending the same request again cannot succeed; the key Polygon uses for ``auth_failed``).
 
     Keys are present only when they have something to say.
 
@@ -162,7 +163,7 @@ class CoinbaseParser:
         bad: list[tuple[str, str]] = []
         try:
             decoded = _decode(frame)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             decoded = None
             bad.append((_raw(frame), "malformed"))
         frames = decoded if isinstance(decoded, list) else [] if decoded is None else [decoded]
@@ -188,7 +189,7 @@ class CoinbaseParser:
         kind = f["type"]
         if kind not in MATCH_TYPES:
             if kind == "error":
-                info["error"] = str(f.get("message", "")) + (
+                info["fatal"] = str(f.get("message", "error")) + (
                     f": {f['reason']}" if f.get("reason") else "")
             ignored = info.setdefault("ignored", {})
             ignored[kind] = ignored.get(kind, 0) + 1

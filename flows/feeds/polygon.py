@@ -17,7 +17,8 @@ trade count (``z`` is the *average* trade size), so ``trades`` is 0, "unknown".
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from flows.schema import NO_ID, BarBatch, Quarantine, SymbolTable, TradeBatch
 
@@ -85,8 +86,8 @@ def _raw(event: Any) -> str:
         return event
     try:
         return json.dumps(event, separators=(",", ":"), default=str)
-    except (TypeError, ValueError):
-        return repr(event)
+    except (TypeError, ValueError, RecursionError):
+        return repr(event)[:500]
 
 
 class PolygonParser:
@@ -143,7 +144,7 @@ class PolygonParser:
             if isinstance(frame, (bytes, bytearray, memoryview)):
                 frame = bytes(frame).decode("utf-8")
             events = json.loads(frame) if isinstance(frame, str) else frame
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             events = []
             bad.append((_raw(frame), "malformed"))
         if not isinstance(events, list):

@@ -34,7 +34,8 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import date, datetime, time as dtime, timezone
+from datetime import UTC, date, datetime
+from datetime import time as dtime
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ class SessionHours:
 
     def local(self, t_ns: int) -> datetime:
         """Return ``t_ns`` (UTC ns) as a local datetime."""
-        return datetime.fromtimestamp(t_ns // 10**9, tz=timezone.utc).astimezone(self._zone)
+        return datetime.fromtimestamp(t_ns // 10**9, tz=UTC).astimezone(self._zone)
 
     def in_session(self, t_ns: int) -> bool:
         """Return True when the market is open at ``t_ns``."""
@@ -127,8 +128,10 @@ def read_sector_codes(path: str | os.PathLike) -> dict[str, str]:
 
     Examples
     --------
-    >>> codes = read_sector_codes("tests/data/psx_sector_codes_2021.csv")
-    >>> codes["0807"]
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
+    ...     _ = f.write("sector_code,sector_name\\n0807,COMMERCIAL BANKS\\n0804,CEMENT\\n")
+    >>> read_sector_codes(f.name)["0807"]
     'COMMERCIAL BANKS'
     """
     with Path(path).open(newline="", encoding="utf-8") as fh:
@@ -160,22 +163,21 @@ class Board:
 
 
 class _Tables(HTMLParser):
-    """Collect the cells of the first HTML table: header row(s) and data rows as text."""
+    """Collect the cells of every top-level HTML table as ``(is header row, cell texts)``."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self.rows: list[tuple[bool, list[str]]] = []  # (is header row, cells)
+        self.tables: list[list[tuple[bool, list[str]]]] = []
         self._depth = 0
-        self._done = False
         self._row: list[str] | None = None
         self._header = False
         self._cell: list[str] | None = None
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
-        if self._done:
-            return
         if tag == "table":
             self._depth += 1
+            if self._depth == 1:
+                self.tables.append([])
         elif self._depth == 1 and tag == "tr":
             self._close_row()
             self._row, self._header = [], False
@@ -185,12 +187,10 @@ class _Tables(HTMLParser):
             self._header = self._header or tag == "th"
 
     def handle_endtag(self, tag: str) -> None:
-        if self._done:
-            return
-        if tag == "table":
-            self._close_row()
+        if tag == "table" and self._depth:
+            if self._depth == 1:
+                self._close_row()
             self._depth -= 1
-            self._done = self._depth == 0 and bool(self.rows)
         elif self._depth == 1 and tag in ("td", "th"):
             self._close_cell()
         elif self._depth == 1 and tag == "tr":
@@ -207,28 +207,24 @@ class _Tables(HTMLParser):
 
     def _close_row(self) -> None:
         self._close_cell()
-        if self._row:
-            self.rows.append((self._header, self._row))
+        if self._row and self.tables:
+            self.tables[-1].append((self._header, self._row))
         self._row = None
 
 
 def _html_rows(text: str) -> list[dict[str, Any]]:
+    """Return the rows of the first table whose header row names a symbol column."""
     parser = _Tables()
     parser.feed(text)
     parser.close()
-    header: list[str] | None = None
-    out = []
-    for is_header, cells in parser.rows:
-        if header is None:
-            if is_header or any(_key(c) in _LOOKUP for c in cells):
-                header = cells
-            continue
-        if is_header:
-            continue
-        out.append(dict(zip(header, cells)))
-    if header is None:
-        raise ValueError("no table with a header row")
-    return out
+    for table in parser.tables:
+        header = next((cells for _, cells in table
+                       if any(_LOOKUP.get(_key(c)) == "symbol" for c in cells)), None)
+        if header is not None:
+            start = next(i for i, (_, cells) in enumerate(table) if cells is header)
+            return [dict(zip(header, cells)) for is_header, cells in table[start + 1:]
+                    if not is_header]
+    raise ValueError("no table with a symbol column")
 
 
 def _json_rows(text: str) -> list[Any]:
@@ -239,7 +235,7 @@ def _json_rows(text: str) -> list[Any]:
                 return obj[k]
         raise ValueError("JSON board has no data/rows/board list")
     if not isinstance(obj, list):
-        raise ValueError("JSON board is not a list of rows")
+        raise TypeError("JSON board is not a list of rows")
     return obj
 
 
@@ -263,7 +259,8 @@ def _value(v: Any) -> float:
 def read_board(payload: str | bytes) -> Board:
     """Parse a board snapshot, HTML or JSON (sniffed from the first character).
 
-    Raises ValueError when the payload holds no board at all (no table, no symbol column);
+    Raises ValueError (TypeError for JSON of the wrong shape) when the payload holds no board
+    at all (no table, no symbol column);
     rows that cannot be read are kept in ``Board.bad``.
 
     Examples

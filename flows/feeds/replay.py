@@ -36,6 +36,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from flows.feeds import FeedError
+from flows.feeds.binance import (AGG_COLUMNS, KLINE_COLUMNS, parse_agg_trade, parse_kline,
+                                 rows_to_batch, stream_kind)
 from flows.schema import BUY, NO_ID, NS, REASONS, SELL, BarBatch, Quarantine, SymbolTable, TradeBatch
 
 __all__ = ["FORMATS", "TIME_UNITS", "BinanceCapture", "Replayer", "infer_time_unit",
@@ -476,13 +478,6 @@ def _parquet_chunks(p: Path, pf: pq.ParquetFile, names: dict[str, str], symbols:
 
 # --------------------------------------------------------------------------- Binance captures
 
-def _stream_kind(frame: dict) -> str:
-    stream = frame.get("stream")
-    if isinstance(stream, str):
-        return stream.split("@", 1)[1] if "@" in stream else stream
-    return str(frame.get("e", "other"))
-
-
 def _binance_lines(p: Path) -> Iterator[tuple[int, bytes, dict | None, float]]:
     """Yield ``(bytes so far, raw line, frame or None when malformed, recv_ts)`` per line."""
     pos = 0
@@ -502,66 +497,6 @@ def _binance_lines(p: Path) -> Iterator[tuple[int, bytes, dict | None, float]]:
             yield pos, line, frame, recv_ts
 
 
-def _agg_trade(data: dict, recv_ts: float) -> tuple:
-    """Parse one aggTrade payload into a row; raise KeyError/ValueError/TypeError if broken.
-
-    A real frame (binance_usdm_ws_combined_2021-04-17T1637Z.jsonl)::
-
-        {"recv_ts":1618677448.8334389,"frame":{"stream":"yfiusdt@aggTrade","data":{
-         "e":"aggTrade","E":1618677448238,"a":52599685,"s":"YFIUSDT","p":"49966.7",
-         "q":"0.001","f":64902163,"l":64902163,"T":1618677448084,"m":false}}}
-
-    ``T`` is the trade time (ms), ``a`` the aggregate id, ``f``..``l`` the raw trade ids it
-    aggregates, and ``m`` true when the buyer was the maker, i.e. the seller was the aggressor.
-    """
-    m = data["m"]
-    if not isinstance(m, bool):
-        raise TypeError("m is not a boolean")
-    return (str(data["s"]), int(data["T"]) * 1_000_000, float(data["p"]), float(data["q"]),
-            int(data["a"]), SELL if m else BUY, round(recv_ts * NS), int(data["f"]),
-            int(data["l"]))
-
-
-_AGG_COLUMNS = ("symbol", "time", "price", "size", "agg_id", "side", "recv_time", "first_id",
-                "last_id")
-
-
-def _kline(data: dict, recv_ts: float) -> dict:
-    """Parse one kline update; raise KeyError/ValueError/TypeError if broken.
-
-    A real frame (binance_spot_ws_combined_2021-08-14T1446Z.jsonl)::
-
-        {"recv_ts":1628952398.4272902,"frame":{"stream":"sxpbtc@kline_1m","data":{"e":"kline",
-         "E":1628952398392,"s":"SXPBTC","k":{"t":1628952360000,"T":1628952419999,"s":"SXPBTC",
-         "i":"1m","f":17567400,"L":17567403,"o":"0.00007477","c":"0.00007480",
-         "h":"0.00007480","l":"0.00007477","v":"303.00000000","n":4,"x":false,
-         "q":"0.02266170","V":"303.00000000","Q":"0.02266170","B":"0"}}}
-
-    ``n`` counts raw trades (the sum of ``l - f + 1`` over the minute's aggTrades).
-    """
-    k = data["k"]
-    return {"symbol": str(k["s"]), "interval": str(k["i"]), "t": int(k["t"]),
-            "open": float(k["o"]), "high": float(k["h"]), "low": float(k["l"]),
-            "close": float(k["c"]), "volume": float(k["v"]), "trades": int(k["n"]),
-            "first_id": int(k["f"]), "last_id": int(k["L"]), "closed": bool(k["x"]),
-            "quote_volume": float(k["q"]), "taker_buy_volume": float(k["V"]),
-            "taker_buy_quote_volume": float(k["Q"]), "event_time": int(data["E"]),
-            "recv_ts": recv_ts}
-
-
-_KLINE_COLUMNS = ("symbol", "interval", "t", "open", "high", "low", "close", "volume", "trades",
-                  "first_id", "last_id", "closed", "quote_volume", "taker_buy_volume",
-                  "taker_buy_quote_volume", "event_time", "recv_ts")
-
-
-def _agg_batch(rows: list[tuple], symbols: SymbolTable) -> TradeBatch:
-    cols = list(zip(*rows))
-    count = np.asarray(cols[8], dtype=np.int64) - np.asarray(cols[7], dtype=np.int64) + 1
-    return TradeBatch.from_columns(symbols, symbol=cols[0], time=cols[1], price=cols[2],
-                                   size=cols[3], trade_id=cols[4], side=cols[5],
-                                   recv_time=cols[6], count=np.clip(count, 1, None))
-
-
 def _iter_binance(p: Path, symbols: SymbolTable, batch_rows: int, ignored: Counter
                   ) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
     rows: list[tuple] = []
@@ -569,7 +504,7 @@ def _iter_binance(p: Path, symbols: SymbolTable, batch_rows: int, ignored: Count
     pos = 0
 
     def flush() -> tuple[TradeBatch, Quarantine, int]:
-        batch = _agg_batch(rows, symbols) if rows else TradeBatch()
+        batch = rows_to_batch(rows, symbols) if rows else TradeBatch()
         quarantine = Quarantine.concat(
             [Quarantine.malformed([r.decode("utf-8", "replace").strip()], why)
              for r, why in bad])
@@ -580,12 +515,12 @@ def _iter_binance(p: Path, symbols: SymbolTable, batch_rows: int, ignored: Count
     for pos, line, frame, recv_ts in _binance_lines(p):
         if frame is None:
             bad.append((line, "malformed"))
-        elif _stream_kind(frame) != "aggTrade":
-            ignored[_stream_kind(frame)] += 1
+        elif stream_kind(frame) != "aggTrade":
+            ignored[stream_kind(frame)] += 1
         else:
             try:
                 data = frame["data"] if "data" in frame else frame
-                rows.append(_agg_trade(data, recv_ts))
+                rows.append(parse_agg_trade(data, round(recv_ts * NS)))
             except KeyError:
                 bad.append((line, "missing_field"))
             except (ValueError, TypeError, OverflowError):
@@ -634,7 +569,8 @@ def read_binance_capture(path: str | os.PathLike, symbols: SymbolTable) -> Binan
 
     Each line is ``{"recv_ts": <unix s>, "frame": <frame as received>}``; frames are
     ``{"stream": "ftmusdt@aggTrade", "data": {...}}`` envelopes (bare frames with an ``"e"``
-    field work too). See ``_agg_trade`` and ``_kline`` for the frames parsed.
+    field work too). See :func:`~flows.feeds.binance.parse_agg_trade` and
+    :func:`~flows.feeds.binance.parse_kline` for the frames parsed.
 
     Examples
     --------
@@ -658,16 +594,16 @@ def read_binance_capture(path: str | os.PathLike, symbols: SymbolTable) -> Binan
         if frame is None:
             bad.append(Quarantine.malformed([line.decode("utf-8", "replace").strip()]))
             continue
-        kind = _stream_kind(frame)
+        kind = stream_kind(frame)
         data = frame["data"] if "data" in frame else frame
         try:
             if kind == "aggTrade":
-                row = _agg_trade(data, recv_ts)
+                row = parse_agg_trade(data, round(recv_ts * NS))
                 agg_rows.append(row + (data["m"], recv_ts))
-                batches.append(_agg_batch([row], symbols))
+                batches.append(rows_to_batch([row], symbols))
                 continue
             if kind.startswith("kline"):
-                klines.append(_kline(data, recv_ts))
+                klines.append(parse_kline(data, recv_ts))
         except KeyError:
             bad.append(Quarantine.malformed([line.decode("utf-8", "replace").strip()],
                                             "missing_field"))
@@ -677,10 +613,10 @@ def read_binance_capture(path: str | os.PathLike, symbols: SymbolTable) -> Binan
             continue
         ignored[kind] += 1
 
-    agg = pd.DataFrame(agg_rows, columns=list(_AGG_COLUMNS) + ["buyer_maker", "recv_ts"])
+    agg = pd.DataFrame(agg_rows, columns=list(AGG_COLUMNS) + ["buyer_maker", "recv_ts"])
     agg["time"] = pd.to_datetime(agg["time"].astype(np.int64), unit="ns")
     agg["raw_trades"] = (agg["last_id"] - agg["first_id"] + 1).astype(np.int64)
-    kl = pd.DataFrame(klines, columns=list(_KLINE_COLUMNS))
+    kl = pd.DataFrame(klines, columns=list(KLINE_COLUMNS))
     for c in ("t", "event_time"):
         kl[c] = pd.to_datetime(kl[c].astype(np.int64) * 1_000_000, unit="ns")
     return BinanceCapture(p, batches, agg, kl, dict(ignored), Quarantine.concat(bad), frames)

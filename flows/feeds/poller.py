@@ -1,0 +1,250 @@
+"""Poll an HTTP endpoint every N seconds and hand each body to a parser; back off on failure.
+
+:class:`HttpPoller` is the polling twin of the websocket connection layer: it fetches ``url``
+on a fixed cadence, passes each ``200`` body to ``parse(body, recv_ns)`` (the same
+``-> (TradeBatch, Quarantine, info)`` contract as the websocket parsers) and keeps a ``health``
+dict in the same shape. Failures are handled so that a struggling server is not hammered:
+
+- ``429 Too Many Requests``: wait what ``Retry-After`` says (seconds or an HTTP date), at least
+  one interval;
+- ``5xx``, timeouts and connection errors: exponential backoff with full jitter -- a delay drawn
+  uniformly from ``[0, min(cap, base * 2**(n - 1))]`` after the n-th consecutive failure;
+- other ``4xx`` (401, 403, 404, ...): retrying cannot help; the poller stops in ``FAILED``.
+
+Every time source is injected (``clock``, ``sleep``, ``wall_ns``, ``rng``), so tests drive the
+schedule with a fake clock and take no real time waiting.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from flows.schema import Quarantine, TradeBatch
+
+__all__ = ["BACKOFF", "FAILED", "LIVE", "STALE", "STARTING", "HttpPoller", "Response",
+           "tornado_fetch"]
+
+STARTING, LIVE, BACKOFF, STALE, FAILED = "STARTING", "LIVE", "BACKOFF", "STALE", "FAILED"
+
+Parse = Callable[[bytes, int], "tuple[TradeBatch, Quarantine, dict[str, Any]]"]
+
+
+@dataclass(frozen=True)
+class Response:
+    """What a fetch returns: status code, headers (lower-cased names) and body."""
+
+    status: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+Fetch = Callable[[str, float, Mapping[str, str]], Response]
+
+
+def tornado_fetch(url: str, timeout_s: float, headers: Mapping[str, str]) -> Response:
+    """Fetch ``url`` with tornado's blocking client; raise TimeoutError/ConnectionError on
+    failures without an HTTP response. Call it from a thread without a running event loop."""
+    from tornado.httpclient import HTTPClient, HTTPClientError
+
+    client = HTTPClient()
+    try:
+        resp = client.fetch(url, raise_error=False, request_timeout=timeout_s,
+                            connect_timeout=timeout_s, headers=dict(headers),
+                            follow_redirects=True, decompress_response=True)
+    except HTTPClientError as exc:  # only code 599 is raised with raise_error=False
+        raise (TimeoutError if "timeout" in str(exc).lower() else ConnectionError)(str(exc))
+    finally:
+        client.close()
+    if resp.code == 599:
+        err = resp.error or "no response"
+        raise (TimeoutError if "timeout" in str(err).lower() else ConnectionError)(str(err))
+    return Response(resp.code, {k.lower(): v for k, v in resp.headers.get_all()},
+                    resp.body or b"")
+
+
+class HttpPoller:
+    """Fetch ``url`` every ``interval_s`` and parse each body; back off and recover on errors.
+
+    Parameters
+    ----------
+    url : the endpoint.
+    parse : ``parse(body, recv_ns) -> (TradeBatch, Quarantine, info)``, e.g.
+        :meth:`flows.feeds.psx.PsxBoard.parse`.
+    interval_s : seconds between the starts of successive polls.
+    clock : monotonic seconds (scheduling).
+    sleep : wait this many seconds; the default waits on the stop event, so :meth:`stop`
+        interrupts it.
+    fetch : ``fetch(url, timeout_s, headers) -> Response``; raises TimeoutError or OSError
+        when there is no response. Default: :func:`tornado_fetch`.
+    wall_ns : UTC ns, the ``recv_ns`` handed to ``parse``.
+    timeout_s : request timeout.
+    backoff_base_s, backoff_cap_s : full-jitter backoff: the n-th consecutive failure waits
+        ``uniform(0, min(cap, base * 2**(n - 1)))`` seconds.
+    stale_after_s : with no good poll for this long the state reads ``STALE``
+        (default three intervals).
+    max_failures : consecutive failures after which the poller gives up (``FAILED``);
+        None retries forever.
+    headers : extra request headers (a User-Agent is set by default).
+    rng : random source of the jitter.
+
+    Attributes
+    ----------
+    health : dict shared with the websocket feeds -- ``state`` (STARTING, LIVE, BACKOFF, STALE,
+        FAILED), ``last_error``, ``polls`` (requests made), ``errors`` (failed requests),
+        ``rate_limited`` (429s), ``consecutive_errors``, ``last_ok`` (clock s of the last
+        good poll), ``next_delay_s`` and ``backoff_bound_s`` (the current jitter ceiling).
+
+    Examples
+    --------
+    >>> fake = {"t": 0.0}
+    >>> replies = iter([Response(500), Response(200, body=b"board")])
+    >>> poller = HttpPoller("http://127.0.0.1:1/board", lambda body, ns: (body, ns),
+    ...                     interval_s=5, clock=lambda: fake["t"],
+    ...                     sleep=lambda s: fake.update(t=fake["t"] + s),
+    ...                     fetch=lambda url, timeout, headers: next(replies),
+    ...                     wall_ns=lambda: 7, rng=random.Random(0))
+    >>> poller.poll_once(), poller.health["state"], poller.health["errors"]
+    (None, 'BACKOFF', 1)
+    >>> poller.poll_once(), poller.health["state"]
+    ((b'board', 7), 'LIVE')
+    """
+
+    def __init__(
+        self,
+        url: str,
+        parse: Parse,
+        interval_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Any] | None = None,
+        fetch: Fetch | None = None,
+        *,
+        wall_ns: Callable[[], int] = time.time_ns,
+        timeout_s: float = 10.0,
+        backoff_base_s: float = 1.0,
+        backoff_cap_s: float = 60.0,
+        stale_after_s: float | None = None,
+        max_failures: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        rng: random.Random | None = None,
+    ):
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s}")
+        if not 0 < backoff_base_s <= backoff_cap_s:
+            raise ValueError("need 0 < backoff_base_s <= backoff_cap_s")
+        self.url, self.parse, self.interval_s = url, parse, float(interval_s)
+        self._stop = threading.Event()
+        self.clock = clock
+        self.sleep = sleep if sleep is not None else self._stop.wait
+        self.fetch = fetch if fetch is not None else tornado_fetch
+        self.wall_ns = wall_ns
+        self.timeout_s = timeout_s
+        self.backoff_base_s, self.backoff_cap_s = backoff_base_s, backoff_cap_s
+        self.stale_after_s = 3 * self.interval_s if stale_after_s is None else stale_after_s
+        self.max_failures = max_failures
+        self.headers = {"User-Agent": "tapeflow-poller/0.1", **(headers or {})}
+        self.rng = rng or random.Random()
+        self._health: dict[str, Any] = {
+            "state": STARTING, "last_error": None, "polls": 0, "errors": 0, "rate_limited": 0,
+            "consecutive_errors": 0, "last_ok": None, "next_delay_s": 0.0,
+            "backoff_bound_s": 0.0}
+        self._next_delay = 0.0
+
+    @property
+    def health(self) -> dict[str, Any]:
+        """A copy of the health figures; ``state`` reads STALE when good polls stopped."""
+        h = dict(self._health)
+        if h["state"] == LIVE and h["last_ok"] is not None and \
+                self.clock() - h["last_ok"] > self.stale_after_s:
+            h["state"] = STALE
+        return h
+
+    @property
+    def failed(self) -> bool:
+        return self._health["state"] == FAILED
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current poll (also ends a default sleep)."""
+        self._stop.set()
+
+    def poll_once(self) -> Any:
+        """Fetch and parse once; return what ``parse`` returned, or None after a failure.
+
+        Sets ``health["next_delay_s"]``: how long to wait before the next poll.
+        """
+        h = self._health
+        started = self.clock()
+        h["polls"] += 1
+        try:
+            resp = self.fetch(self.url, self.timeout_s, self.headers)
+        except (TimeoutError, OSError) as exc:  # ConnectionError is an OSError
+            kind = "timeout" if isinstance(exc, TimeoutError) else "connection error"
+            return self._fail(f"{kind}: {exc}" if str(exc) else kind)
+        if resp.status == 429:
+            h["rate_limited"] += 1
+            wait = max(self._retry_after(resp.headers), self.interval_s)
+            return self._fail(f"HTTP 429 rate limited; retry after {wait:g} s", wait=wait)
+        if resp.status >= 500:
+            return self._fail(f"HTTP {resp.status}")
+        if resp.status != 200:
+            return self._fail(f"HTTP {resp.status} from {self.url}", fatal=True)
+        result = self.parse(resp.body, self.wall_ns())
+        h.update(state=LIVE, consecutive_errors=0, last_ok=self.clock(), backoff_bound_s=0.0)
+        # Keep the cadence: the next poll starts one interval after this one started.
+        self._set_delay(max(0.0, started + self.interval_s - self.clock()))
+        return result
+
+    def run(self, emit: Callable[[Any], Any], max_polls: int | None = None) -> None:
+        """Poll until :meth:`stop`, ``FAILED`` or ``max_polls``; ``emit`` each parse result."""
+        polls = 0
+        while not self._stop.is_set() and not self.failed:
+            result = self.poll_once()
+            polls += 1
+            if result is not None:
+                emit(result)
+            if self.failed or (max_polls is not None and polls >= max_polls):
+                break
+            if self._next_delay > 0:
+                self.sleep(self._next_delay)
+
+    def _set_delay(self, delay: float) -> None:
+        self._next_delay = delay
+        self._health["next_delay_s"] = delay
+
+    def _fail(self, message: str, wait: float | None = None, fatal: bool = False) -> None:
+        h = self._health
+        h["errors"] += 1
+        h["consecutive_errors"] += 1
+        h["last_error"] = message
+        n = h["consecutive_errors"]
+        if fatal or (self.max_failures is not None and n >= self.max_failures):
+            h["state"] = FAILED
+            self._set_delay(0.0)
+            return
+        h["state"] = BACKOFF
+        if wait is None:
+            bound = min(self.backoff_cap_s, self.backoff_base_s * 2.0 ** min(n - 1, 60))
+            h["backoff_bound_s"] = bound
+            wait = self.rng.uniform(0.0, bound)
+        self._set_delay(wait)
+
+    def _retry_after(self, headers: Mapping[str, str]) -> float:
+        value = str(headers.get("retry-after", "")).strip()
+        if not value:
+            return 0.0
+        try:
+            seconds = float(value)
+            return seconds if 0.0 <= seconds < 86400.0 * 7 else 0.0
+        except ValueError:
+            pass
+        try:
+            when = parsedate_to_datetime(value)
+            now = parsedate_to_datetime(headers["date"]) if "date" in headers else None
+        except (TypeError, ValueError, IndexError):
+            return 0.0
+        now_s = now.timestamp() if now is not None else self.wall_ns() / 1e9
+        return max(0.0, when.timestamp() - now_s)
