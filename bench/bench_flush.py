@@ -72,7 +72,7 @@ def timed_flush(flow: Flow) -> dict[str, float]:
 def run(n_symbols: int, flushes: int, rate: float, every_s: float, store: Path) -> tuple[list, list]:
     shutil.rmtree(store, ignore_errors=True)
     shutil.rmtree(writer_dir(store), ignore_errors=True)
-    flow = Flow(FlowConfig(store=str(store)))
+    flow = Flow(FlowConfig(store=str(store), writer="process"))
     start = (time.time_ns() // NS - flushes * int(every_s) - 3600) // 60 * 60 * NS
     market = SimulatedMarket(flow.table, n_symbols=n_symbols, rate=rate, seed=0, start_ns=start,
                              batch_ms=100)

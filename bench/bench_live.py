@@ -78,12 +78,15 @@ class RssSampler(threading.Thread):
 
 
 def run(rate: float, seconds: float, n_symbols: int, batch_ms: int, flush_interval: float,
-        warmup_s: float, store: Path, seed: int = 0) -> dict:
+        warmup_s: float, store: Path, seed: int = 0, analytics: bool = True,
+        quality: bool = True) -> dict:
     if store is not None:
         shutil.rmtree(store, ignore_errors=True)
         shutil.rmtree(writer_dir(store), ignore_errors=True)
     flow = Flow(FlowConfig(store=None if store is None else str(store),
-                           flush_interval_s=flush_interval, feed="simulated"))
+                           flush_interval_s=flush_interval, feed="simulated",
+                           writer="process",  # as `tapeflow serve` and `run` do
+                           analytics=analytics, quality=quality))
     start = time.time_ns() // NS * NS
     market = SimulatedMarket(flow.table, n_symbols=n_symbols, rate=rate / open_factor(seconds + warmup_s),
                              seed=seed, start_ns=start, batch_ms=batch_ms, realtime=True,
@@ -176,10 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default=str(OUT / "live.zarr"))
     p.add_argument("--no-store", action="store_true",
                    help="no store, no flusher: the push cost alone, for comparison")
+    p.add_argument("--no-analytics", action="store_true", help="bars only (tapeflow --no-analytics)")
+    p.add_argument("--no-quality", action="store_true", help="no quality scoring (tapeflow --no-quality)")
     args = p.parse_args(argv)
     for rate in args.rate:
         report(run(rate, args.seconds, args.symbols, args.batch_ms, args.flush_interval,
-                   args.warmup, None if args.no_store else Path(args.store)))
+                   args.warmup, None if args.no_store else Path(args.store),
+                   analytics=not args.no_analytics, quality=not args.no_quality))
     return 0
 
 

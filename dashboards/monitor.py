@@ -20,7 +20,13 @@ import panel as pn
 import param
 import psutil
 from bokeh.layouts import column, row
-from bokeh.models import ColumnDataSource, DataRange1d, HoverTool, LinearAxis
+from bokeh.models import (
+    ColumnDataSource,
+    DataRange1d,
+    DatetimeTickFormatter,
+    HoverTool,
+    LinearAxis,
+)
 from bokeh.plotting import figure
 
 from dashboards.candles import DOWN_COLOR, FLAT_COLOR, UP_COLOR
@@ -317,8 +323,13 @@ class MonitorView(pn.viewable.Viewer):
                       sizing_mode="stretch_width", tools="xpan,xwheel_zoom,reset,save",
                       toolbar_location="right", min_border_left=60)
 
+        clock = DatetimeTickFormatter(milliseconds="%H:%M:%S", seconds="%H:%M:%S",
+                                      minsec="%H:%M:%S", minutes="%H:%M", hourmin="%H:%M",
+                                      hours="%H:%M", context=None)
+
         def lines(fig, specs, right: str | None = None):
             """Draw ``(column, label, colour)`` lines; the last on a right axis named ``right``."""
+            fig.xaxis.formatter = clock
             renderers = []
             for i, (y, label, color) in enumerate(specs):
                 extra = {}

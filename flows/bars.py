@@ -474,16 +474,25 @@ class BarEngine:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def state(self) -> dict[str, np.ndarray]:
-        """Return everything needed to resume exactly (for store checkpoints)."""
+    def state(self, amendable_only: bool = False) -> dict[str, np.ndarray]:
+        """Return everything needed to resume exactly (for store checkpoints).
+
+        With ``amendable_only``, only the rows late trades can still change (older rows are
+        final and in the store): a copy of a few rows instead of the whole window.
+        """
         out: dict[str, np.ndarray] = {
             "open_minute": np.array([-1 if self.open_minute is None else self.open_minute]),
             "seq": np.array([self.seq]),
         }
+        since = self.amendable_from if amendable_only else None
         for tf, frame in self.frames.items():
-            out[f"{tf}/times"] = frame.times[: frame.n].copy()
-            out[f"{tf}/f"] = frame.f[:, : frame.n].copy()
-            out[f"{tf}/k"] = frame.k[:, : frame.n].copy()
+            first = 0
+            if since is not None:
+                first = int(np.searchsorted(frame.times[: frame.n], since - since % frame.tf_ns))
+            n_sym = len(self.symbols)
+            out[f"{tf}/times"] = frame.times[first : frame.n].copy()
+            out[f"{tf}/f"] = frame.f[:, first : frame.n, :n_sym].copy()
+            out[f"{tf}/k"] = frame.k[:, first : frame.n, :n_sym].copy()
         return out
 
     def restore(self, state: dict[str, np.ndarray]) -> None:

@@ -315,16 +315,8 @@ class Flow:
         return self.alerts.evaluate(tf, times, values, self.table.names, start, provisional, emit=False)
 
     def _checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict]:
-        engine = self.engine.state()
-        amendable = self.engine.amendable_from
-        arrays: dict[str, np.ndarray] = {}
-        for key, value in engine.items():  # only bars late trades can still change
-            tf, _, part = key.partition("/")
-            if part and amendable is not None:
-                times = engine[f"{tf}/times"]
-                first = int(np.searchsorted(times, amendable - amendable % TIMEFRAMES[tf]))
-                value = value[first:] if part == "times" else value[:, first:]
-            arrays[f"engine/{key}"] = value
+        # Only bars late trades can still change: older ones are final and in the store.
+        arrays = {f"engine/{k}": v for k, v in self.engine.state(amendable_only=True).items()}
         # The newest keys (not the highest: keys sort by symbol code first), without sorting
         # all ~5M of them under the lock.
         dedupe = self.validator.deduper.state(newest=self.config.checkpoint_keys)
