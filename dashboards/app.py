@@ -15,8 +15,8 @@ import time
 
 import panel as pn
 import param
-from panel.custom import JSComponent
 from bokeh.themes import Theme as BokehTheme
+from panel.custom import JSComponent
 
 from dashboards.candles import FLAT_COLOR, UP_COLOR, CandlesView
 from dashboards.market import MarketView

@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 import panel as pn
 import param
-from panel.io.state import set_curdoc
 from bokeh.layouts import column
 from bokeh.models import (
     ColumnDataSource,
@@ -37,6 +36,7 @@ from bokeh.models import (
     TapTool,
 )
 from bokeh.plotting import figure
+from panel.io.state import set_curdoc
 
 from dashboards.candles import DOWN_COLOR, FLAT_COLOR, UP_COLOR
 from dashboards.source import HEATMAP_COLUMNS, MarketSource
@@ -301,9 +301,10 @@ class MarketView(pn.viewable.Viewer):
     def _build_breadth(self) -> None:
         self._breadth = ColumnDataSource(_breadth_columns(_EMPTY_BREADTH), name="breadth")
         x_range = DataRange1d(range_padding=0.02)
-        common = dict(x_axis_type="datetime", x_range=x_range, sizing_mode="stretch_width",
-                      tools="xpan,xwheel_zoom,reset,save", active_drag="xpan",
-                      active_scroll="xwheel_zoom", min_border_left=60, toolbar_location="right")
+        common = {"x_axis_type": "datetime", "x_range": x_range, "sizing_mode": "stretch_width",
+                  "tools": "xpan,xwheel_zoom,reset,save", "active_drag": "xpan",
+                  "active_scroll": "xwheel_zoom", "min_border_left": 60,
+                  "toolbar_location": "right"}
         ad = figure(name="breadth_ad", height=170, title="advancers (up) / decliners (down)", **common)
         self._breadth_bars = [
             ad.vbar(x="time", top="advancers", bottom=0, width=1, color=UP_COLOR,
@@ -580,7 +581,7 @@ class MarketView(pn.viewable.Viewer):
             labels = _sector_labels(tiles)
             self.heatmap_figure.yaxis.ticker.ticks = list(labels)
             self.heatmap_figure.yaxis.major_label_overrides = labels
-            rows = int(round(-tiles["y"].min() + 0.5)) if len(tiles["y"]) else 1
+            rows = round(-float(tiles["y"].min()) + 0.5) if len(tiles["y"]) else 1
             columns = float(tiles["x"].max() + 0.5) if len(tiles["x"]) else 4.0
             self.heatmap_figure.x_range.update(start=0, end=columns)
             self.heatmap_figure.y_range.update(start=-rows, end=0)

@@ -228,7 +228,7 @@ class MonitorCollector:
         while not self._stop.wait(self.interval):
             try:
                 self.sample()
-            except Exception:  # noqa: BLE001 - a bad read must not end monitoring
+            except Exception:
                 import logging
 
                 logging.getLogger(__name__).exception("monitor sample failed")
@@ -319,9 +319,9 @@ class MonitorView(pn.viewable.Viewer):
 
     def _build_figures(self) -> None:
         x_range = DataRange1d(range_padding=0.01, follow="end", follow_interval=HISTORY * 1000.0)
-        common = dict(x_axis_type="datetime", x_range=x_range, height=200,
-                      sizing_mode="stretch_width", tools="xpan,xwheel_zoom,reset,save",
-                      toolbar_location="right", min_border_left=60)
+        common = {"x_axis_type": "datetime", "x_range": x_range, "height": 200,
+                  "sizing_mode": "stretch_width", "tools": "xpan,xwheel_zoom,reset,save",
+                  "toolbar_location": "right", "min_border_left": 60}
 
         clock = DatetimeTickFormatter(milliseconds="%H:%M:%S", seconds="%H:%M:%S",
                                       minsec="%H:%M:%S", minutes="%H:%M", hourmin="%H:%M",
@@ -410,15 +410,15 @@ class MonitorView(pn.viewable.Viewer):
         state = str(status.get("state", "?"))
         color = UP_COLOR if state.upper() == "LIVE" else "#f0a30a"
         cards = [
-            ("feed", f'<span style="color:{color}">● {html.escape(state)}</span> '
-                     f'{html.escape(str(status.get("feed", "")))}'),
+            ("feed", (f'<span style="color:{color}">● {html.escape(state)}</span> '
+                      f'{html.escape(str(status.get("feed", "")))}')),
             ("trades/s", _fmt(latest["trades_per_s"])),
             ("received", _fmt(latest["received"])),
             ("accepted", _fmt(latest["accepted"])),
             ("quarantined", _fmt(latest["quarantined"])),
             ("duplicates", _fmt(latest["duplicates"])),
-            ("flush p50 / p99", f'{_fmt(latest["flush_ms_p50"], ".1f")} / '
-                                f'{_fmt(latest["flush_ms_p99"], ".1f", " ms")}'),
+            ("flush p50 / p99", (f'{_fmt(latest["flush_ms_p50"], ".1f")} / '
+                                 f'{_fmt(latest["flush_ms_p99"], ".1f", " ms")}')),
             ("store", format_bytes(latest["store_bytes"])),
             ("last flush", _fmt(latest["last_flush_age_s"], ".1f", " s ago")),
             ("sessions", _fmt(latest["sessions"])),
@@ -431,8 +431,8 @@ class MonitorView(pn.viewable.Viewer):
                       ("cache hit rate", _fmt(100 * _number(cache.get("hit_rate")), ".1f", " %")),
                       ("cache size", format_bytes(_number(cache.get("bytes")))),
                       ("evictions / expirations",
-                       f'{_fmt(_number(cache.get("evictions")))} / '
-                       f'{_fmt(_number(cache.get("expirations")))}')]
+                       (f'{_fmt(_number(cache.get("evictions")))} / '
+                        f'{_fmt(_number(cache.get("expirations")))}'))]
         self._cards.object = "".join(
             f'<div class="tf-card"><div class="tf-card-label">{html.escape(label)}</div>'
             f'<div class="tf-card-value">{value}</div></div>' for label, value in cards)

@@ -5,7 +5,6 @@ import param
 
 from flows.schema import TIMEFRAMES
 
-
 #: The app's pages, in navigation order: URL key -> label.
 PAGES: dict[str, str] = {"candles": "Candles", "market": "Market", "monitor": "Monitor"}
 

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from flows.feeds import FeedError
 from flows.schema import TIMEFRAMES, parse_timeframes
 
 EPILOG = """examples:
@@ -62,6 +63,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _symbols(text: str) -> int | list[str]:
+    if text.strip().isdigit():
+        return _positive_int(text)
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a number or a comma-separated list of symbols")
+    return names
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -101,10 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "optional Exchange columns (sectors feed the sector figures)")
 
     market = _Parser(add_help=False)
-    market.add_argument("--feed", default="simulated", choices=["simulated"],
+    market.add_argument("--feed", default="simulated", choices=["simulated", "binance"],
                         help="trade source (default: %(default)s)")
-    market.add_argument("--symbols", type=_positive_int, default=100, metavar="N",
-                        help="simulated market: number of symbols (default: %(default)s)")
+    market.add_argument("--symbols", type=_symbols, default=100, metavar="N|LIST",
+                        help="simulated market: number of symbols (default: %(default)s); "
+                             "a venue: comma-separated symbols, e.g. btcusdt,ethusdt")
+    market.add_argument("--url", default=None,
+                        help="venue websocket URL (default: the venue's public endpoint)")
+    market.add_argument("--kind", choices=["spot", "usdm"], default="spot",
+                        help="binance: spot or USDT-M futures endpoints (default: %(default)s)")
     market.add_argument("--rate", type=_positive_float, default=2000.0, metavar="TPS",
                         help="simulated market: mean trades per second (default: %(default)s)")
     market.add_argument("--seed", type=int, default=0, help="simulated market: seed (default: %(default)s)")
@@ -197,44 +212,82 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Feed:
+    """The running feed of ``run``/``serve``: the simulated market or a venue."""
+
+    def __init__(self, flow, args: argparse.Namespace, backfill_s: float = 0.0):
+        self.venue = None
+        self.stop_event = threading.Event()
+        if args.feed == "simulated":
+            if not isinstance(args.symbols, int):
+                raise UserError("--symbols: the simulated market takes a number of symbols")
+            from flows.runner import start_simulated
+
+            self.thread = start_simulated(
+                flow, n_symbols=args.symbols, rate=args.rate, seed=args.seed,
+                realtime=not getattr(args, "fast", False), duration_s=getattr(args, "duration", None),
+                backfill_s=backfill_s, stop=self.stop_event)
+        else:
+            if isinstance(args.symbols, int):
+                raise UserError(f"--symbols: give {args.feed} symbols, e.g. --symbols btcusdt,ethusdt")
+            from flows.feeds.binance import start_binance
+
+            self.venue = start_binance(flow, args.symbols, url=args.url, kind=args.kind)
+
+    def alive(self) -> bool:
+        if self.venue is not None:
+            return self.venue.failure is None and not self.stop_event.is_set()
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.venue is not None:
+            self.venue.stop()
+        else:
+            self.thread.join()
+
+    def failure(self) -> str | None:
+        return None if self.venue is None else self.venue.failure
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.runner import format_summary, start_simulated
+    from flows.runner import format_summary
 
     flow = _make_flow(args, args.feed)
-    stop = threading.Event()
-    thread = start_simulated(flow, n_symbols=args.symbols, rate=args.rate, seed=args.seed,
-                             realtime=not args.fast, duration_s=args.duration, stop=stop)
+    feed = _Feed(flow, args)
     t0 = time.monotonic()
     try:
-        while thread.is_alive():
-            thread.join(timeout=1.0)
+        while feed.alive():
+            time.sleep(1.0)
+            if args.duration is not None and args.feed != "simulated" and time.monotonic() - t0 >= args.duration:
+                break
             c = flow.counters
-            print(f"\r{time.monotonic() - t0:7.1f} s  received {c.received:,}  accepted {c.accepted:,}  "
-                  f"quarantined {c.quarantined_total:,}", end="", file=sys.stderr, flush=True)
+            print(f"\r{time.monotonic() - t0:7.1f} s  {flow.feed_state:<9} received {c.received:,}  "
+                  f"accepted {c.accepted:,}  quarantined {c.quarantined_total:,}",
+                  end="", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
-        stop.set()
-        thread.join()
+        pass
     finally:
         print(file=sys.stderr)
+        feed.stop()
         flow.close()
     format_summary(flow)
+    if feed.failure():
+        raise FeedError(f"{args.feed}: {feed.failure()}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dashboards.app import serve
-    from flows.runner import start_simulated
 
     flow = _make_flow(args, args.feed)
-    stop = threading.Event()
     backfill = args.backfill * 60 if flow.engine.open_minute is None else 0.0  # only into an empty store
-    start_simulated(flow, n_symbols=args.symbols, rate=args.rate, seed=args.seed,
-                    backfill_s=backfill, stop=stop)
+    feed = _Feed(flow, args, backfill_s=backfill)
     url = f"http://{args.address}:{args.port}"
     try:
         server = serve(flow, port=args.port, address=args.address, show=args.show, threaded=False, start=False)
     except OSError as exc:
-        stop.set()
+        feed.stop()
         flow.close()
         raise UserError(f"cannot listen on {url}: {exc.strerror or exc}") from None
     print(f"serving on {url} (store {args.store}); Ctrl-C to stop", flush=True)
@@ -244,7 +297,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        stop.set()
+        feed.stop()
         flow.close()
         print("stopped; store flushed", file=sys.stderr)
     return 0
@@ -256,7 +309,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from flows.feeds import FeedError
     from flows.store import StoreError
     from flows.writer import WriterError
 

@@ -160,6 +160,8 @@ class Flow:
         self._pending_quarantine: list[Quarantine] = []
         self.stats = StageStats()
         self.feed_state = "IDLE"
+        #: a live venue feed's health snapshot (set by the feed starter), for the dashboards
+        self.feed_health = None
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         # The streamz graph: one event per batch.
@@ -419,7 +421,8 @@ class Flow:
         return {"feed": self.config.feed, "state": self.feed_state, "received": c.received,
                 "accepted": c.accepted, "quarantined": c.quarantined_total, "duplicates": c.duplicates,
                 "quarantined_by_reason": dict(c.quarantined), "symbols": len(self.table),
-                "store": self.config.store, "last_flush": self.stats.last_flush_wall}
+                "store": self.config.store, "last_flush": self.stats.last_flush_wall,
+                "health": self.feed_health().to_dict() if self.feed_health is not None else None}
 
 
 _DEFAULT: dict[str, object] = {}

@@ -146,3 +146,31 @@ def test_help_lists_commands():
     for word in ("serve", "run", "replay", "examples"):
         assert word in proc.stdout
     assert "--speed" in tapeflow("replay", "--help").stdout
+
+
+@pytest.mark.slow
+def test_run_binance_feed_from_a_loopback_server(tmp_path):
+    # A real websocket server on loopback replays a real capture; `tapeflow run --feed binance`
+    # connects to it and the stored bars equal `tapeflow replay` of the same capture.
+    from tests.wsserver import Session, WsServer, capture_frames
+
+    src = DATA / "binance_spot_ws_combined_2021-08-14T1446Z.jsonl"
+    server = WsServer(capture_frames(src), [Session(then="hold")])
+    server.start()
+    try:
+        proc = tapeflow("run", "--feed", "binance", "--symbols", "ftmusdt,sxpbtc,badgerbtc,xmrbtc",
+                        "--url", server.url, "--duration", "6", "--store", str(tmp_path / "live.zarr"),
+                        "--no-quality")
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "received                 28" in proc.stdout and "reconciles   yes" in proc.stdout
+    assert tapeflow("replay", str(src), "--store", str(tmp_path / "rec.zarr")).returncode == 0
+    live = dataset_to_frame(xr.open_zarr(tmp_path / "live.zarr", group="bars/1m").load())
+    recorded = dataset_to_frame(xr.open_zarr(tmp_path / "rec.zarr", group="bars/1m").load())
+    assert_bars_equal(live, recorded)
+
+
+def test_venue_feed_needs_symbols():
+    line = one_line_error(tapeflow("run", "--feed", "binance", "--duration", "1"))
+    assert "give binance symbols" in line

@@ -16,7 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flows.feeds import FeedError
-from flows.feeds.binance import BinanceFeed, flow_bar_lookup, start_binance, stream_names
+from flows.feeds.binance import (
+    BinanceFeed,
+    flow_bar_lookup,
+    start_binance,
+    stream_names,
+)
 from flows.feeds.connection import ConnectionConfig
 from flows.feeds.replay import read_binance_capture
 from flows.pipeline import Flow, FlowConfig

@@ -20,15 +20,15 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
+from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
-from tornado.httpserver import HTTPServer
 
 
 def capture_frames(path: str | Path) -> list[str]:
@@ -86,7 +86,7 @@ class Connection:
 
 
 class _Handler(WebSocketHandler):
-    def initialize(self, server: "WsServer") -> None:
+    def initialize(self, server: WsServer) -> None:
         self.server = server
         self.conn: Connection | None = None
 
@@ -173,7 +173,7 @@ class WsServer:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    def start(self) -> "WsServer":
+    def start(self) -> WsServer:
         ready = threading.Event()
         sockets = bind_sockets(0, "127.0.0.1")
         self.port = sockets[0].getsockname()[1]
@@ -206,7 +206,7 @@ class WsServer:
         if self._thread is not None:
             self._thread.join(5)
 
-    def __enter__(self) -> "WsServer":
+    def __enter__(self) -> WsServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -25,7 +25,7 @@ import json
 import math
 import threading
 from collections import deque
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 

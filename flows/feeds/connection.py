@@ -32,12 +32,16 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.ioloop import IOLoop
-from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
+from tornado.websocket import (
+    WebSocketClientConnection,
+    WebSocketClosedError,
+    websocket_connect,
+)
 
 from flows.feeds.health import FeedHealth, HealthTracker
 from flows.schema import Quarantine, TradeBatch
@@ -303,7 +307,7 @@ class WebsocketFeed:
         except WebSocketClosedError:
             pass
 
-    def start(self) -> "WebsocketFeed":
+    def start(self) -> WebsocketFeed:
         """Start the reader (IOLoop) and consumer threads; return self."""
         if self._reader is not None:
             raise RuntimeError(f"{self.name}: already started")
@@ -457,7 +461,7 @@ class WebsocketFeed:
             fatal = exc.code in self.config.fatal_http_codes
             why = f"handshake refused: HTTP {exc.code} {exc.message or ''}".strip()
             return _Outcome(why + ("; not retrying" if fatal else ""), fatal=fatal)
-        except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             return _Outcome(f"connect failed: {type(exc).__name__}: {exc}")
         except Exception as exc:  # StreamClosedError and friends: retry
             return _Outcome(f"connect failed: {type(exc).__name__}: {exc}")

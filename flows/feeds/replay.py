@@ -36,9 +36,25 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from flows.feeds import FeedError
-from flows.feeds.binance import (AGG_COLUMNS, KLINE_COLUMNS, parse_agg_trade, parse_kline,
-                                 rows_to_batch, stream_kind)
-from flows.schema import BUY, NO_ID, NS, REASONS, SELL, BarBatch, Quarantine, SymbolTable, TradeBatch
+from flows.feeds.binance import (
+    AGG_COLUMNS,
+    KLINE_COLUMNS,
+    parse_agg_trade,
+    parse_kline,
+    rows_to_batch,
+    stream_kind,
+)
+from flows.schema import (
+    BUY,
+    NO_ID,
+    NS,
+    REASONS,
+    SELL,
+    BarBatch,
+    Quarantine,
+    SymbolTable,
+    TradeBatch,
+)
 
 __all__ = ["FORMATS", "TIME_UNITS", "BinanceCapture", "Replayer", "infer_time_unit",
            "read_binance_capture", "read_trades"]
