@@ -33,10 +33,19 @@ def start_simulated(flow: Flow, n_symbols: int = 100, rate: float = 2000.0, seed
     start_ns = (now - int(span * 1e9)) // 60_000_000_000 * 60_000_000_000 if span else now // 10**9 * 10**9
     market = SimulatedMarket(flow.table, n_symbols=n_symbols, rate=rate, seed=seed, realtime=False,
                              start_ns=start_ns)
+    # Breadth and returns compare with the previous session's close: when the history starts in
+    # today's session, open with the last five minutes of yesterday's (quietly, same listing).
+    day = 86_400 * 10**9
+    previous = None
+    if realtime and span and start_ns // day == now // day:
+        previous = SimulatedMarket(flow.table, n_symbols=n_symbols, rate=min(rate, 500.0), seed=seed + 1,
+                                   realtime=False, start_ns=now // day * day - 300 * 10**9)
     stop = stop or threading.Event()
 
     def loop() -> None:
         flow.feed_state = "BACKFILL" if realtime and span else "LIVE"
+        if previous is not None:
+            flow.push(TradeBatch.concat(list(previous.batches(300))))
         pending: list = []
         end = market.start_ns
         try:
