@@ -212,6 +212,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_feed_args(args: argparse.Namespace) -> None:
+    """Refuse a feed/symbols mismatch before anything is created."""
+    if args.feed == "simulated" and not isinstance(args.symbols, int):
+        raise UserError("--symbols: the simulated market takes a number of symbols")
+    if args.feed != "simulated" and isinstance(args.symbols, int):
+        raise UserError(f"--symbols: give {args.feed} symbols, e.g. --symbols btcusdt,ethusdt")
+
+
 class _Feed:
     """The running feed of ``run``/``serve``: the simulated market or a venue."""
 
@@ -219,8 +227,6 @@ class _Feed:
         self.venue = None
         self.stop_event = threading.Event()
         if args.feed == "simulated":
-            if not isinstance(args.symbols, int):
-                raise UserError("--symbols: the simulated market takes a number of symbols")
             from flows.runner import start_simulated
 
             self.thread = start_simulated(
@@ -228,8 +234,6 @@ class _Feed:
                 realtime=not getattr(args, "fast", False), duration_s=getattr(args, "duration", None),
                 backfill_s=backfill_s, stop=self.stop_event)
         else:
-            if isinstance(args.symbols, int):
-                raise UserError(f"--symbols: give {args.feed} symbols, e.g. --symbols btcusdt,ethusdt")
             from flows.feeds.binance import start_binance
 
             self.venue = start_binance(flow, args.symbols, url=args.url, kind=args.kind)
@@ -253,8 +257,13 @@ class _Feed:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.runner import format_summary
 
+    _check_feed_args(args)
     flow = _make_flow(args, args.feed)
-    feed = _Feed(flow, args)
+    try:
+        feed = _Feed(flow, args)
+    except BaseException:
+        flow.close()
+        raise
     t0 = time.monotonic()
     try:
         while feed.alive():
@@ -280,9 +289,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from dashboards.app import serve
 
+    _check_feed_args(args)
     flow = _make_flow(args, args.feed)
     backfill = args.backfill * 60 if flow.engine.open_minute is None else 0.0  # only into an empty store
-    feed = _Feed(flow, args, backfill_s=backfill)
+    try:
+        feed = _Feed(flow, args, backfill_s=backfill)
+    except BaseException:
+        flow.close()
+        raise
     url = f"http://{args.address}:{args.port}"
     try:
         server = serve(flow, port=args.port, address=args.address, show=args.show, threaded=False, start=False)

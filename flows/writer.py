@@ -10,6 +10,7 @@ has landed when ``flush()`` returns, which tests and notebooks rely on).
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
 import queue
@@ -119,12 +120,18 @@ class WriterProcess:
         self._jobs: mp.Queue = ctx.Queue(depth)
         self._done: mp.Queue = ctx.Queue()
         self._proc = ctx.Process(target=_child, args=(path, timeframes, self._jobs, self._done, os.getpid()),
-                                 name="tapeflow-writer", daemon=True)
+                                 name="tapeflow-writer", daemon=False)
         self._proc.start()
+        self.flush_ms: list[float] = []
+        self._closed = False
+        # The child ignores SIGTERM (it goes to the whole process group; the parent decides when
+        # the child stops): so the parent always tells it to stop, even on an error exit.
+        atexit.register(self.close)
         kind, value = self._done.get(timeout=120)
         if kind == "error":
+            self._closed = True
+            self._proc.join(timeout=10)
             raise WriterError(value)
-        self.flush_ms: list[float] = []
 
     def _collect(self, until_closed: bool = False) -> None:
         while True:
@@ -153,7 +160,10 @@ class WriterProcess:
         return out
 
     def close(self) -> None:
-        """Let the child finish every queued flush, then stop it."""
+        """Let the child finish every queued flush, then stop it (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         if self._proc.is_alive():
             self._jobs.put(None)
             self._collect(until_closed=True)

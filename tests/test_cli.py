@@ -171,6 +171,8 @@ def test_run_binance_feed_from_a_loopback_server(tmp_path):
     assert_bars_equal(live, recorded)
 
 
-def test_venue_feed_needs_symbols():
-    line = one_line_error(tapeflow("run", "--feed", "binance", "--duration", "1"))
+def test_venue_feed_needs_symbols(tmp_path):
+    line = one_line_error(tapeflow("run", "--feed", "binance", "--duration", "1",
+                                   "--store", str(tmp_path / "s.zarr")))
     assert "give binance symbols" in line
+    assert not (tmp_path / "s.zarr").exists()  # refused before anything was created
