@@ -16,6 +16,8 @@ schedule with a fake clock and take no real time waiting.
 """
 from __future__ import annotations
 
+import concurrent.futures
+
 import random
 import threading
 import time
@@ -48,7 +50,19 @@ Fetch = Callable[[str, float, Mapping[str, str]], Response]
 
 def tornado_fetch(url: str, timeout_s: float, headers: Mapping[str, str]) -> Response:
     """Fetch ``url`` with tornado's blocking client; raise TimeoutError/ConnectionError on
-    failures without an HTTP response. Call it from a thread without a running event loop."""
+    failures without an HTTP response. Works from any thread: where an event loop is already
+    running (a notebook, a server thread), the fetch runs in a short-lived worker thread."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _blocking_fetch(url, timeout_s, headers)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(_blocking_fetch, url, timeout_s, headers).result()
+
+
+def _blocking_fetch(url: str, timeout_s: float, headers: Mapping[str, str]) -> Response:
     from tornado.httpclient import HTTPClient, HTTPClientError
 
     client = HTTPClient()
