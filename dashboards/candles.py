@@ -44,19 +44,23 @@ RIGHT_PAD_BARS = 3
 TAIL_ROWS = 3
 
 _FIT_Y_JS = """
-const d = source.data, t = d.time, lo = d.low, hi = d.high, vol = d.volume;
-const x0 = x.start - half, x1 = x.end + half;
-let ymin = Infinity, ymax = -Infinity, vmax = 0;
-for (let i = 0; i < t.length; i++) {
-  if (t[i] < x0 || t[i] > x1) continue;
-  if (lo[i] < ymin) ymin = lo[i];
-  if (hi[i] > ymax) ymax = hi[i];
-  if (vol[i] > vmax) vmax = vol[i];
-}
-if (!isFinite(ymin) || !isFinite(ymax)) return;
-const pad = (ymax - ymin) * 0.06 || Math.abs(ymax) * 0.01 || 1;
-y.setv({start: ymin - pad, end: ymax + pad});
-v.setv({start: 0, end: vmax > 0 ? vmax * 1.1 : 1});
+// Deferred: on a stream or patch the data source's listeners (each renderer's view of its
+// rows) must see the new columns before anything here asks for a re-render.
+setTimeout(() => {
+  const d = source.data, t = d.time, lo = d.low, hi = d.high, vol = d.volume;
+  const x0 = x.start - half, x1 = x.end + half;
+  let ymin = Infinity, ymax = -Infinity, vmax = 0;
+  for (let i = 0; i < t.length; i++) {
+    if (t[i] < x0 || t[i] > x1) continue;
+    if (lo[i] < ymin) ymin = lo[i];
+    if (hi[i] > ymax) ymax = hi[i];
+    if (vol[i] > vmax) vmax = vol[i];
+  }
+  if (!isFinite(ymin) || !isFinite(ymax)) { return; }
+  const pad = (ymax - ymin) * 0.06 || Math.abs(ymax) * 0.01 || 1;
+  y.setv({start: ymin - pad, end: ymax + pad});
+  v.setv({start: 0, end: vmax > 0 ? vmax * 1.1 : 1});
+}, 0);
 """
 
 
