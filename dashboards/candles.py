@@ -23,6 +23,8 @@ import math
 import numpy as np
 import pandas as pd
 import panel as pn
+
+from dashboards.live import PeriodicRefresh
 import param
 from bokeh.layouts import column
 from bokeh.models import ColumnDataSource, CustomJS, HoverTool, Range1d
@@ -120,7 +122,7 @@ def _columns(bars: pd.DataFrame) -> dict[str, np.ndarray]:
     return data
 
 
-class CandlesView(pn.viewable.Viewer):
+class CandlesView(PeriodicRefresh, pn.viewable.Viewer):
     """Live candlesticks and volume for ``state.symbol`` at ``state.timeframe``.
 
     A header holds a searchable symbol picker, a timeframe picker, the last price with its
@@ -270,23 +272,6 @@ class CandlesView(pn.viewable.Viewer):
 
     # -- live updates -------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start this view's periodic refresh (once), stopping it when the session ends."""
-        if self._callback is not None:
-            return
-        self._callback = pn.state.add_periodic_callback(self.refresh, period=self.period)
-        doc = pn.state.curdoc
-        if doc is not None and doc.session_context is not None:
-            pn.state.on_session_destroyed(self._on_session_destroyed)
-
-    def stop(self) -> None:
-        """Stop the periodic refresh."""
-        if self._callback is not None:
-            self._callback.stop()
-            self._callback = None
-
-    def _on_session_destroyed(self, session_context: object) -> None:
-        self.stop()
 
     @property
     def data(self) -> dict[str, np.ndarray]:

@@ -21,6 +21,8 @@ import math
 import numpy as np
 import pandas as pd
 import panel as pn
+
+from dashboards.live import PeriodicRefresh
 import param
 from bokeh.layouts import column
 from bokeh.models import (
@@ -231,7 +233,7 @@ def _sector_columns(ds) -> dict[str, np.ndarray]:
     return out
 
 
-class MarketView(pn.viewable.Viewer):
+class MarketView(PeriodicRefresh, pn.viewable.Viewer):
     """Breadth, a sector heatmap, movers and sector performance for ``state.timeframe``.
 
     Parameters
@@ -464,21 +466,6 @@ class MarketView(pn.viewable.Viewer):
 
     # -- live updates -------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start this view's periodic refresh (once), stopping it when the session ends."""
-        if self._callback is not None:
-            return
-        self.refresh()
-        self._callback = pn.state.add_periodic_callback(self.refresh, period=self.period)
-        doc = pn.state.curdoc
-        if doc is not None and doc.session_context is not None:
-            pn.state.on_session_destroyed(lambda _ctx: self.stop())
-
-    def stop(self) -> None:
-        """Stop the periodic refresh."""
-        if self._callback is not None:
-            self._callback.stop()
-            self._callback = None
 
     @property
     def tiles(self) -> dict[str, np.ndarray]:
@@ -512,6 +499,12 @@ class MarketView(pn.viewable.Viewer):
         self._set_tiles(self._fetch("heatmap"), replace=True)
         self._update_sectors()
         self._update_summary()
+
+    def start(self) -> None:
+        """Draw at once, then refresh periodically (see :class:`PeriodicRefresh`)."""
+        if self._callback is None:
+            self.refresh()
+        super().start()
 
     def refresh(self) -> bool:
         """Apply what changed in the source since the last call; return whether anything did.

@@ -17,6 +17,8 @@ from dataclasses import asdict, is_dataclass
 
 import numpy as np
 import panel as pn
+
+from dashboards.live import PeriodicRefresh
 import param
 import psutil
 from bokeh.layouts import column, row
@@ -270,7 +272,7 @@ def _fmt(value: float, spec: str = ",.0f", suffix: str = "") -> str:
     return f"{value:{spec}}{suffix}" if math.isfinite(value) else "—"
 
 
-class MonitorView(pn.viewable.Viewer):
+class MonitorView(PeriodicRefresh, pn.viewable.Viewer):
     """Live pipeline, store, session, process and cache figures.
 
     Parameters
@@ -378,20 +380,6 @@ class MonitorView(pn.viewable.Viewer):
         """The charted series (``time`` in ms and :data:`SERIES`)."""
         return self._data.data
 
-    def start(self) -> None:
-        """Start this view's periodic refresh (once), stopping it when the session ends."""
-        if self._callback is not None:
-            return
-        self._callback = pn.state.add_periodic_callback(self.refresh, period=self.period)
-        doc = pn.state.curdoc
-        if doc is not None and doc.session_context is not None:
-            pn.state.on_session_destroyed(lambda _ctx: self.stop())
-
-    def stop(self) -> None:
-        """Stop the periodic refresh."""
-        if self._callback is not None:
-            self._callback.stop()
-            self._callback = None
 
     def refresh(self) -> bool:
         """Stream the samples taken since the last call and update the figures shown."""
