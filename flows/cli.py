@@ -35,14 +35,16 @@ class UserError(Exception):
 
 
 def _speed(text: str) -> float | None:
-    if text == "max":
-        return None
+    return None if text == "max" else _positive(text, "speed must be 'max' or a positive number")
+
+
+def _positive(text: str, expected: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"speed must be 'max' or a positive number, got {text!r}") from None
+        value = float("nan")
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"speed must be 'max' or a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
     return value
 
 
@@ -73,13 +75,7 @@ def _symbols(text: str) -> int | list[str]:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    return _positive(text, "expected a positive number")
 
 
 def build_parser() -> argparse.ArgumentParser:

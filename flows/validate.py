@@ -189,6 +189,14 @@ class TradeIdDeduper:
         self._size = len(keys)
 
 
+def _first_reason(checks, n: int) -> np.ndarray:
+    """Reason index per item: the first failed check in priority order, -1 where all pass."""
+    reason = np.full(n, -1, dtype=np.int8)
+    for name, bad in checks:
+        reason[(reason < 0) & bad] = REASONS.index(name)
+    return reason
+
+
 class Validator:
     """Split a batch into accepted trades, quarantine records and duplicates.
 
@@ -217,8 +225,6 @@ class Validator:
 
     def reasons(self, batch: TradeBatch) -> np.ndarray:
         """Return the quarantine reason index per trade, -1 where the trade passes."""
-        reason = np.full(len(batch), -1, dtype=np.int8)
-        # Later assignments win only where no earlier reason was found: check in priority order.
         checks = (
             ("bad_time", batch.time <= 0),
             ("future_time", batch.time > self.clock() + int(self.config.max_future_s * NS)),
@@ -228,9 +234,7 @@ class Validator:
             ("non_finite_size", ~np.isfinite(batch.size)),
             ("non_positive_size", batch.size <= 0),
         )
-        for name, bad in checks:
-            reason[(reason < 0) & bad] = REASONS.index(name)
-        return reason
+        return _first_reason(checks, len(batch))
 
     def process(self, batch: TradeBatch) -> tuple[TradeBatch, Quarantine]:
         """Return (accepted trades, quarantine records); duplicates are counted and dropped."""
@@ -238,11 +242,14 @@ class Validator:
         self.counters.received += n
         if n == 0:
             return batch, Quarantine()
-        reason = self.reasons(batch)
+        return self._settle(batch, self.reasons(batch), Quarantine.from_batch, lambda b: b.trade_id)
+
+    def _settle(self, items, reason: np.ndarray, to_quarantine, ids):
+        """Quarantine the items with a reason, drop and count repeated ids, count the rest."""
         bad = reason >= 0
-        quarantine = Quarantine.from_batch(batch.take(bad), reason[bad]) if bad.any() else Quarantine()
-        good = batch.take(~bad) if bad.any() else batch
-        dup = self.deduper.check(good.symbol, good.trade_id)
+        quarantine = to_quarantine(items.take(bad), reason[bad]) if bad.any() else Quarantine()
+        good = items.take(~bad) if bad.any() else items
+        dup = self.deduper.check(good.symbol, ids(good))
         if dup.any():
             good = good.take(~dup)
         self.counters.duplicates += int(dup.sum())
@@ -257,7 +264,6 @@ class Validator:
         self.counters.received += n
         if n == 0:
             return bars, Quarantine()
-        reason = np.full(n, -1, dtype=np.int8)
         prices = np.stack([bars.open, bars.high, bars.low, bars.close])
         checks = (
             ("bad_time", bars.time <= 0),
@@ -270,19 +276,9 @@ class Validator:
             ("bad_ohlc", (bars.high < np.maximum(bars.open, bars.close))
              | (bars.low > np.minimum(bars.open, bars.close))),
         )
-        for name, bad in checks:
-            reason[(reason < 0) & bad] = REASONS.index(name)
-        bad = reason >= 0
-        quarantine = Quarantine.from_bars(bars.take(bad), reason[bad]) if bad.any() else Quarantine()
-        good = bars.take(~bad) if bad.any() else bars
         # One bar per (symbol, bar): its index since the epoch is its id.
-        dup = self.deduper.check(good.symbol, good.time // TIMEFRAMES[tf])
-        if dup.any():
-            good = good.take(~dup)
-        self.counters.duplicates += int(dup.sum())
-        self.counters.accepted += len(good)
-        self.counters.add_quarantine(quarantine)
-        return good, quarantine
+        return self._settle(bars, _first_reason(checks, n), Quarantine.from_bars,
+                            lambda b: b.time // TIMEFRAMES[tf])
 
     def quarantine_late(self, late: Quarantine) -> None:
         """Move trades the bar engine refused as ``too_late`` from accepted to quarantined."""
