@@ -130,13 +130,13 @@ class App(pn.viewable.Viewer):
         self._title = pn.pane.HTML("", stylesheets=[css], css_classes=["tapeflow-header-title"])
         self._nav = pn.widgets.RadioButtonGroup(
             options={label: key for key, label in PAGES.items()}, value=self.state.page,
-            button_type="primary", button_style="outline", css_classes=["tapeflow-nav"])
+            color="primary", variant="outline", css_classes=["tapeflow-nav"])
         self._nav.param.watch(self._on_nav, "value")
         self._page_title = PageTitle(title=TITLE, visible=False)
         self._feed = pn.pane.HTML("", stylesheets=[css], css_classes=["tapeflow-feed"],
                                   min_width=220)
         self._theme_button = pn.widgets.Button(
-            name="☾ Dark" if theme == "default" else "☀ Light", button_type="light",
+            label="☾ Dark" if theme == "default" else "☀ Light", color="light",
             css_classes=["tapeflow-theme"], width=90)
         self._theme_button.js_on_click(code=_TOGGLE_THEME_JS)
         self._main = pn.Column(sizing_mode="stretch_width", css_classes=["tapeflow-main"])
