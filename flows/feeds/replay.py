@@ -303,6 +303,12 @@ def _sides(arr: pa.Array) -> np.ndarray:
     return lut[pc.fill_null(idx, len(keys)).to_numpy(zero_copy_only=False)]
 
 
+def _raw_rows(chunk: pa.RecordBatch, idx: np.ndarray) -> list[str]:
+    """The rows ``idx`` of a chunk as comma-joined text, for quarantine records."""
+    return [",".join("" if v is None else str(v) for v in row.values())
+            for row in chunk.take(pa.array(idx)).to_pylist()]
+
+
 class _ChunkParser:
     """Parse tabular chunks (CSV text or typed Parquet) into a batch and its quarantine."""
 
@@ -311,6 +317,17 @@ class _ChunkParser:
         self.time = _TimeParser(time_unit)
         self.recv = _TimeParser(time_unit)
 
+    def _columns(self, chunk: pa.RecordBatch, required: Sequence[str]):
+        """The chunk's columns by our names, the rows missing a required value, times, symbols."""
+        col = {c: chunk.column(chunk.schema.get_field_index(n)) for c, n in self.names.items()}
+        n = chunk.num_rows
+        missing = np.zeros(n, dtype=bool)
+        for c in required:
+            missing |= _missing(col[c])
+        t, bad_time = self.time(col["time"])
+        sym, no_sym = _symbol_codes(col["symbol"], self.symbols)
+        return col, n, missing, t, bad_time, sym, no_sym
+
     def __call__(self, chunk: pa.RecordBatch) -> tuple[TradeBatch, Quarantine]:
         """Parse one chunk whose rows look like (CSV, ISO or epoch time)::
 
@@ -318,13 +335,7 @@ class _ChunkParser:
             2021-04-17T16:37:28.084Z,YFIUSDT,49966.7,0.001,52599685,buy
             1618677448450,YFIUSDT,49964.5,0.001,52599686,s
         """
-        col = {c: chunk.column(chunk.schema.get_field_index(n)) for c, n in self.names.items()}
-        n = chunk.num_rows
-        missing = np.zeros(n, dtype=bool)
-        for c in REQUIRED:
-            missing |= _missing(col[c])
-        t, bad_time = self.time(col["time"])
-        sym, no_sym = _symbol_codes(col["symbol"], self.symbols)
+        col, n, missing, t, bad_time, sym, no_sym = self._columns(chunk, REQUIRED)
         price, bad_price = _floats(col["price"])
         size, bad_size = _floats(col["size"])
         if "trade_id" in col:
@@ -351,8 +362,7 @@ class _ChunkParser:
         if not bad.any():
             return batch, Quarantine()
         idx = np.flatnonzero(bad)
-        raw = [",".join("" if v is None else str(v) for v in row.values())
-               for row in chunk.take(pa.array(idx)).to_pylist()]
+        raw = _raw_rows(chunk, idx)
         quarantine = Quarantine(t[idx], sym[idx], price[idx], size[idx], tid[idx], reason[idx],
                                 raw)
         return batch.take(~bad), quarantine
@@ -367,13 +377,7 @@ class _BarChunkParser(_ChunkParser):
             date,open,high,low,close,volume,Name
             2017-10-16,67.2,67.37,66.77,66.91,1473459,A
         """
-        col = {c: chunk.column(chunk.schema.get_field_index(n)) for c, n in self.names.items()}
-        n = chunk.num_rows
-        missing = np.zeros(n, dtype=bool)
-        for c in BAR_REQUIRED:
-            missing |= _missing(col[c])
-        t, bad_time = self.time(col["time"])
-        sym, no_sym = _symbol_codes(col["symbol"], self.symbols)
+        col, n, missing, t, bad_time, sym, no_sym = self._columns(chunk, BAR_REQUIRED)
         values, bad_number = {}, np.zeros(n, dtype=bool)
         for c in ("open", "high", "low", "close", "volume"):
             values[c], bad = _floats(col[c])
@@ -390,8 +394,7 @@ class _BarChunkParser(_ChunkParser):
         if not bad.any():
             return batch, Quarantine()
         idx = np.flatnonzero(bad)
-        raw = [",".join("" if v is None else str(v) for v in row.values())
-               for row in chunk.take(pa.array(idx)).to_pylist()]
+        raw = _raw_rows(chunk, idx)
         quarantine = Quarantine(t[idx], sym[idx], values["close"][idx], values["volume"][idx],
                                 np.full(len(idx), NO_ID, np.int64), reason[idx], raw)
         return batch.take(~bad), quarantine
