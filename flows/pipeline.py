@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,6 +163,9 @@ class Flow:
         self.feed_state = "IDLE"
         #: a live venue feed's health snapshot (set by the feed starter), for the dashboards
         self.feed_health = None
+        #: every running feed's health, by feed name (:meth:`register_feed`)
+        self.feeds: dict[str, Callable[[], object]] = {}
+        self._feed = self.config.feed
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         # The streamz graph: one event per batch.
@@ -197,7 +201,7 @@ class Flow:
         accepted, quarantine = self.validator.process(batch)
         self._quarantine(quarantine)
         if self.analytics is not None and self.analytics.quality is not None:
-            report = self.analytics.quality.observe(batch, accepted, quarantine, feed=self.config.feed)
+            report = self.analytics.quality.observe(batch, accepted, quarantine, feed=self._feed)
             if len(report.flags):
                 self.recent_flags.append(report.flags)
                 if self.writer is not None:
@@ -232,19 +236,21 @@ class Flow:
                                                REASONS[q.reason[i]], q.raw[i]))
 
     def push(self, batch: TradeBatch, unparsed: Quarantine | None = None, source: str | None = None,
-             rows: int = 0) -> None:
+             rows: int = 0, feed: str | None = None) -> None:
         """Run one batch through the flow (thread-safe).
 
         ``unparsed`` carries records the feed could not parse; ``source``/``rows`` advance the
-        resume position of a replayable source.
+        resume position of a replayable source; ``feed`` names the feed the batch came from
+        when several feed one flow (default: ``config.feed``), for the per-feed quality score.
         """
         with self.lock:
+            self._feed = feed or self.config.feed
             if unparsed is not None and len(unparsed):
                 self.validator.quarantine_unparsed(unparsed)
                 self._quarantine(unparsed)
                 if self.analytics is not None and self.analytics.quality is not None:
                     self.analytics.quality.observe(TradeBatch(), TradeBatch(), Quarantine(),
-                                                   feed=self.config.feed, unparsed=unparsed)
+                                                   feed=self._feed, unparsed=unparsed)
             self.source.emit(batch)
             self.stats.batches += 1
             if source is not None:
@@ -412,6 +418,29 @@ class Flow:
             "store": self.config.store,
             "store_bytes": self.store.size_bytes() if self.store is not None else 0,
         }
+
+    def register_feed(self, name: str, health: Callable[[], object]) -> None:
+        """Register a running feed's health callable (returning a
+        :class:`~flows.feeds.health.FeedHealth` or a dict) under ``name``, for
+        :meth:`feed_healths` and the dashboards. The first one also becomes ``feed_health``."""
+        self.feeds[name] = health
+        if self.feed_health is None:
+            self.feed_health = health
+
+    def feed_healths(self) -> list[dict]:
+        """One health dict per registered feed (``feed``, ``state``, rates, lag, reconnects,
+        gaps, last error): what the Quality page shows."""
+        out = []
+        for name, health in list(self.feeds.items()):
+            h = health()
+            d = h.to_dict() if hasattr(h, "to_dict") else dict(h)
+            d.setdefault("feed", name)
+            out.append(d)
+        if not out:  # the simulated market or a replay: the flow's own view of its feed
+            c = self.counters
+            out.append({"feed": self.config.feed, "state": self.feed_state, "received": c.received,
+                        "trades": c.received, "reconnects": 0, "gaps": 0, "last_error": None})
+        return out
 
     def version(self) -> int:
         return self.engine.version

@@ -427,6 +427,6 @@ def start_binance(flow, symbols: Sequence[str], *, url: str | None = None, kind:
     feed = BinanceFeed(flow.table, streams, flow.push, url=url, kind=kind,
                        bar_lookup=flow_bar_lookup(flow) if kline else None, on_state=on_state,
                        **kwargs)
-    flow.feed_health = feed.health
+    flow.register_feed(feed.tracker.feed, feed.health)
     flow.start_flusher()
     return feed.start()
