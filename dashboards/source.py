@@ -80,6 +80,12 @@ class MarketSource(BarSource, Protocol):
         """Return the latest row's ``symbol sector name return volume``, one row per symbol that
         traded in the session (``return`` is NaN without a reference close)."""
 
+    def symbol_indicators(self, tf: str, symbol: str, n: int | None = None) -> pd.DataFrame:
+        """Return one symbol's indicators on the rows of ``bars(tf, symbol, n)`` (same index):
+        ``sma_20 sma_50 sma_200 ema_12 ema_26 ema_50 rsi_14 macd macd_signal macd_hist bb_upper
+        bb_middle bb_lower stoch_k stoch_d atr_14 adx_14 volume_sma_20 vwap_session`` and
+        ``provisional`` (bool, True on the forming bar)."""
+
     def monitor(self) -> dict:
         """Return pipeline figures: at least ``received`` (int), ``flush_ms_p50``,
         ``flush_ms_p99`` (float or None), ``last_flush`` (epoch s, 0 if never) and
@@ -253,6 +259,25 @@ class FrameSource:
         data["provisional"] = ("time", np.arange(len(close)) == len(close) - 1)
         return xr.Dataset(data, coords={"time": close.index.values,
                                         "symbol": np.array(close.columns, dtype=object)})
+
+    def symbol_indicators(self, tf: str, symbol: str, n: int | None = None) -> pd.DataFrame:
+        """Return one symbol's indicators on the rows of :meth:`bars` (computed with the flow's
+        :class:`~flows.indicators.IndicatorEngine` over its bars), plus ``provisional``."""
+        from flows.indicators import IndicatorEngine
+
+        def compute() -> pd.DataFrame:
+            bars = self.bars(tf, symbol)
+            if bars.empty:
+                return pd.DataFrame({"provisional": np.zeros(0, bool)}, index=bars.index)
+            fields = {c: bars[c].to_numpy(dtype=float)[:, None] for c in BAR_COLUMNS}
+            engine = IndicatorEngine()
+            engine.update(bars.index.asi8, fields, start=0, forming=True)
+            out = {k: (v if k == "provisional" else v[:, 0]) for k, v in engine.outputs().items()}
+            return pd.DataFrame(out, index=bars.index)
+
+        key = ("symbol_indicators", tf, symbol, self._version)
+        frame = (self.cache.get_or_compute(key, compute) if self.cache is not None else compute())
+        return frame if n is None else frame.iloc[-n:] if n > 0 else frame.iloc[:0]
 
     def breadth(self, tf: str) -> xr.Dataset:
         """Return breadth over ``time`` (see :class:`MarketSource`), from the bars."""

@@ -25,6 +25,7 @@ from streamz import Stream
 from flows.alerts import Alert, AlertEngine, analytics_values
 from flows.analytics import Analytics, AnalyticsConfig
 from flows.bars import BarConfig, BarEngine, empty_bars_frame
+from flows.cache import Cache, CacheConfig
 from flows.schema import REASONS, TIMEFRAMES, BarBatch, Quarantine, SymbolTable, TradeBatch
 from flows.store import BarStore, writer_dir
 from flows.validate import Clock, Counters, ValidateConfig, Validator, wall_clock_ns
@@ -158,6 +159,9 @@ class Flow:
                   for tf, f in self.engine.frames.items() if f.n}
             self.analytics.resume(restored, {tf: v for tf, v in ad.items() if v[1] is not None})
         self.recent_quarantine: deque = deque(maxlen=10_000)
+        #: the read-through cache of the dashboards' reads (keyed by the bars' version, so a
+        #: view is computed once per change however many sessions read it)
+        self.cache = Cache(CacheConfig(max_entries=4096, max_bytes=256 * 2**20, ttl_s=30.0))
         self._pending_quarantine: list[Quarantine] = []
         self.stats = StageStats()
         self.feed_state = "IDLE"
@@ -369,40 +373,148 @@ class Flow:
     def timeframes(self) -> tuple[str, ...]:
         return tuple(self.engine.frames)
 
+    def _cached(self, key: tuple, fn: Callable[[], object]):
+        """``fn()`` through the cache, keyed by ``key`` and the bars' version."""
+        return self.cache.get_or_compute((*key, self.engine.version), fn)
+
     def bars(self, tf: str, symbol: str, n: int | None = None) -> pd.DataFrame:
-        """The last ``n`` bars of ``symbol`` where it traded (the last may still be forming)."""
+        """The last ``n`` bars of ``symbol`` where it traded (the last may still be forming).
+
+        Read through the cache: treat the frame as read-only (copy it to change it).
+        """
         code = self.table.lookup(symbol)
         if code is None:
             return empty_bars_frame()
-        with self.lock:
-            return self.engine.symbol_frame(tf, code, n)
+
+        def compute() -> pd.DataFrame:
+            with self.lock:
+                return self.engine.symbol_frame(tf, code, n)
+
+        return self._cached(("bars", tf, symbol, n), compute)
+
+    def _analytics(self, what: str, tf: str, fn: Callable[[], object]):
+        if self.analytics is None:
+            raise RuntimeError("this flow runs without analytics (FlowConfig(analytics=False))")
+
+        def compute():
+            with self.lock:
+                self.analytics.refresh()
+                return fn()
+
+        return self._cached((what, tf), compute)
 
     def indicators(self, tf: str) -> xr.Dataset:
         """The indicators of ``tf`` over the rolling window (refreshed first)."""
-        with self.lock:
-            self.analytics.refresh()
-            return self.analytics.indicators_dataset(tf)
+        return self._analytics("indicators", tf, lambda: self.analytics.indicators_dataset(tf))
+
+    def symbol_indicators(self, tf: str, symbol: str, n: int | None = None) -> pd.DataFrame:
+        """One symbol's indicators of ``tf`` on the rows of :meth:`bars` (same index), plus a
+        ``provisional`` column (True on the forming bar, whose values still change)."""
+        code = self.table.lookup(symbol)
+        if code is None or self.analytics is None:
+            return pd.DataFrame(index=pd.DatetimeIndex([], name="time"))
+
+        def compute() -> pd.DataFrame:
+            with self.lock:
+                self.analytics.refresh()
+                frame = self.engine.frames[tf]
+                times = frame.times[: frame.n]
+                bars = self.engine.symbol_frame(tf, code, n)
+                rows = np.searchsorted(times, bars.index.asi8)
+                out = {}
+                for name, values in self.analytics.indicators[tf].outputs().items():
+                    if name == "provisional":
+                        out[name] = values[rows].astype(bool)
+                    elif code < values.shape[1]:
+                        out[name] = values[rows, code]
+                    else:
+                        out[name] = np.full(len(rows), np.nan)
+                return pd.DataFrame(out, index=bars.index)
+
+        return self._cached(("symbol_indicators", tf, symbol, n), compute)
 
     def breadth(self, tf: str) -> xr.Dataset:
         """Market breadth of ``tf`` over the rolling window (refreshed first)."""
-        with self.lock:
-            self.analytics.refresh()
-            return self.analytics.breadth_dataset(tf)
+        return self._analytics("breadth", tf, lambda: self.analytics.breadth_dataset(tf))
 
     def sectors(self, tf: str) -> xr.Dataset:
         """Sector figures of ``tf`` over the rolling window (refreshed first)."""
-        with self.lock:
-            self.analytics.refresh()
-            return self.analytics.sectors_dataset(tf)
+        return self._analytics("sectors", tf, lambda: self.analytics.sectors_dataset(tf))
 
     def heatmap(self, tf: str) -> pd.DataFrame:
         """Latest returns by sector (symbol, sector, name, return, volume) for a heatmap."""
         from flows.breadth import heatmap_table
 
-        with self.lock:
-            self.analytics.refresh()
+        def compute() -> pd.DataFrame:
             names = [self.table.meta.get(n, {}).get("name", "") for n in self.table.names]
             return heatmap_table(self.analytics.breadth[tf], self.table.names, names)
+
+        return self._analytics("heatmap", tf, compute)
+
+    # -- quality and alerts (the Quality and Alerts pages) ------------------------------------
+
+    def quality(self, tf: str) -> xr.Dataset:
+        """Quality scores of ``tf`` over ``time × symbol``: ``score`` (0-100) and its named
+        components (see :mod:`flows.quality`); empty without quality scoring."""
+        if self.analytics is None or self.analytics.quality is None:
+            return xr.Dataset(coords={"time": np.array([], "datetime64[ns]"), "symbol": []})
+        return self._analytics("quality", tf,
+                               lambda: self.analytics.quality.dataset(tf, self.table.names))
+
+    def quality_feeds(self, tf: str) -> xr.Dataset:
+        """Quality scores of ``tf`` over ``time × feed`` (same variables as :meth:`quality`)."""
+        if self.analytics is None or self.analytics.quality is None:
+            return xr.Dataset(coords={"time": np.array([], "datetime64[ns]"), "feed": []})
+        return self._analytics("quality_feeds", tf, lambda: self.analytics.quality.feed_dataset(tf))
+
+    def quarantine_log(self, n: int = 1000) -> pd.DataFrame:
+        """The latest ``n`` quarantined records, newest first: ``time`` (event time; NaT when
+        unparsable), ``symbol``, ``reason``, ``raw`` (the payload as received, for unparsable
+        records)."""
+        with self.lock:
+            rows = list(self.recent_quarantine)[-n:][::-1]
+        frame = pd.DataFrame(rows, columns=["time", "symbol", "reason", "raw"])
+        t = frame["time"].to_numpy(np.int64, na_value=0) if len(frame) else np.zeros(0, np.int64)
+        frame["time"] = pd.to_datetime(np.where(t > 0, t, np.iinfo(np.int64).min).view("datetime64[ns]"))
+        return frame
+
+    def alert_rules(self) -> list[dict]:
+        """The alert rules: ``id``, ``text`` (the one-line form), ``kind``, ``symbol``, ``tf``."""
+        if self.alerts is None:
+            return []
+        return [{"id": r.id, "text": r.text, "kind": r.kind, "symbol": r.symbol, "tf": r.tf}
+                for r in self.alerts.rules]
+
+    def add_alert_rule(self, spec: str) -> dict:
+        """Add a rule from its one-line text (e.g. ``* rsi_14 > 70 on 5m``); return it as in
+        :meth:`alert_rules`. Raise ValueError with a one-line reason for a bad rule."""
+        if self.alerts is None:
+            raise ValueError("alerts need analytics (this flow runs without them)")
+        with self.lock:
+            r = self.alerts.add_rule(spec)
+        return {"id": r.id, "text": r.text, "kind": r.kind, "symbol": r.symbol, "tf": r.tf}
+
+    def remove_alert_rule(self, rule_id: str) -> bool:
+        """Remove the rule with this id (or text); return whether one was removed."""
+        if self.alerts is None:
+            return False
+        try:
+            with self.lock:
+                return self.alerts.remove_rule(rule_id)
+        except ValueError:  # neither an id nor a rule's text
+            return False
+
+    def fired_alerts(self, n: int = 500) -> pd.DataFrame:
+        """The latest ``n`` fired alerts, newest first: ``time`` (bar open), ``fired_at``,
+        ``symbol``, ``tf``, ``rule``, ``rule_id``, ``kind``, ``value``, ``threshold``, ``message``."""
+        columns = ["time", "fired_at", "symbol", "tf", "rule", "rule_id", "kind", "value",
+                   "threshold", "message"]
+        alerts = list(self.alerts.recent)[-n:] if self.alerts is not None else []
+        frame = pd.DataFrame([{c: getattr(a, c) for c in columns} for a in alerts[::-1]],
+                             columns=columns)
+        for c in ("time", "fired_at"):
+            frame[c] = pd.to_datetime(frame[c].to_numpy(np.int64).view("datetime64[ns]"))
+        return frame
 
     def monitor(self) -> dict:
         """Pipeline figures for the monitor: throughput, bar-stage time, flushes, store size."""
