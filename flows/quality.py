@@ -255,10 +255,56 @@ def _grow_cols(a: np.ndarray, n: int, fill) -> np.ndarray:
 
 
 @numba.njit(cache=True)
-def _robust(values: np.ndarray) -> tuple[float, float]:
-    """Median and 1.4826 x MAD of ``values``."""
-    med = np.median(values)
-    return med, 1.4826 * np.median(np.abs(values - med))
+def _select(a, n, k):
+    """The ``k``-th smallest of ``a[:n]`` (Hoare's quickselect; reorders ``a[:n]`` in place)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        pivot = a[(lo + hi) // 2]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return a[k]
+    return a[k]
+
+
+@numba.njit(cache=True)
+def _median(a, n):
+    """Median of ``a[:n]`` as ``np.median`` gives it (``a[:n]`` is reordered)."""
+    upper = _select(a, n, n // 2)
+    if n % 2:
+        return upper
+    lower = a[0]
+    for i in range(1, n // 2):  # after selecting n // 2, a[:n // 2] holds the smaller ones
+        lower = max(lower, a[i])
+    return (lower + upper) / 2
+
+
+@numba.njit(cache=True)
+def _robust(values: np.ndarray, scratch: np.ndarray) -> tuple[float, float]:
+    """Median and 1.4826 x MAD of ``values`` (``scratch``: a buffer at least as long).
+
+    >>> v = np.array([3.0, 1.0, 4.0, 1.0, 5.0, 9.0])
+    >>> _robust(v, np.empty(6)) == (np.median(v), 1.4826 * np.median(np.abs(v - np.median(v))))
+    True
+    """
+    n = len(values)
+    scratch[:n] = values
+    med = _median(scratch, n)
+    for i in range(n):
+        scratch[i] = abs(values[i] - med)
+    return med, 1.4826 * _median(scratch, n)
 
 
 @numba.njit(cache=True)
@@ -270,14 +316,15 @@ def _scan(sym, time, tid, price, logsize, quarantine_spikes, spike_k, window_ns,
     ring (refreshed every ``refresh`` trades), id gaps, lateness by the bar engine's rule
     (running open bar) and the normal-gap sums. Returns (open minute, newest trade time)."""
     n_ring = ring_p.shape[1]
+    scratch = np.empty(n_ring)
     newest = 0
     for i in range(len(sym)):
         s = sym[i]
         n = ring_n[s]
         if n >= min_history and (ref_at[s] < 0 or n - ref_at[s] >= refresh):
             m = min(n, n_ring)
-            ref[s, 0], ref[s, 1] = _robust(ring_p[s, :m])
-            ref[s, 2], ref[s, 3] = _robust(ring_v[s, :m])
+            ref[s, 0], ref[s, 1] = _robust(ring_p[s, :m], scratch)
+            ref[s, 2], ref[s, 3] = _robust(ring_v[s, :m], scratch)
             ref_at[s] = n
         if ref_at[s] >= 0:
             spike_z[i] = abs(price[i] - ref[s, 0]) / max(ref[s, 1], min_rel * abs(ref[s, 0]))
@@ -323,10 +370,14 @@ def _scan(sym, time, tid, price, logsize, quarantine_spikes, spike_k, window_ns,
     return open_minute, newest
 
 
+#: One kind of event of a batch: (counter, event times, symbols, weights or None for 1 each).
+_Part = tuple[int, np.ndarray, np.ndarray, "np.ndarray | None"]
+
+
 def _events(received: TradeBatch, accepted: TradeBatch, quarantine: Quarantine, late: np.ndarray,
             too_late: np.ndarray, spike: np.ndarray, outlier: np.ndarray, missing: np.ndarray,
-            unparsed: Quarantine | None) -> tuple[np.ndarray, ...]:
-    """A batch's counts as events: (event time, symbol, counter, weight) arrays."""
+            unparsed: Quarantine | None) -> list[_Part]:
+    """A batch's counts as events, one part per counter (tallied by :func:`_tally`)."""
     a = accepted
     parts = [(_RECEIVED, received.time, received.symbol, None),
              (_ACCEPTED, a.time, a.symbol, None),
@@ -340,10 +391,47 @@ def _events(received: TradeBatch, accepted: TradeBatch, quarantine: Quarantine, 
     if unparsed is not None and len(unparsed):
         parts += [(_RECEIVED, unparsed.time, unparsed.symbol, None),
                   (_REJECTED, unparsed.time, unparsed.symbol, None)]
-    return (np.concatenate([t for _, t, _, _ in parts]),
-            np.concatenate([s for _, _, s, _ in parts]).astype(np.int64),
-            np.concatenate([np.full(len(t), k, np.int64) for k, t, _, _ in parts]),
-            np.concatenate([np.ones(len(t), np.int64) if w is None else w for _, t, _, w in parts]))
+    return [part for part in parts if len(part[1])]
+
+
+@numba.njit(cache=True, inline="always")
+def _charged(t, lo, open_minute):
+    """The minute an event at ``t`` is charged to: its own inside ``[lo, open_minute]``, else
+    the open minute."""
+    m = t - t % 60_000_000_000
+    return m if lo <= m <= open_minute else open_minute
+
+
+@numba.njit(cache=True)
+def _mark(times, lo, open_minute, used):
+    """Mark the minutes (slots of ``lo + k`` minutes) that events at ``times`` are charged to."""
+    for i in range(len(times)):
+        used[(_charged(times[i], lo, open_minute) - lo) // 60_000_000_000] = True
+
+
+@numba.njit(cache=True)
+def _tally(times, syms, weights, counter, lo, open_minute, slot, cells, feed):
+    """Add events to ``cells[counter, minute, symbol]`` and ``feed[counter, minute]``; a
+    negative symbol counts for the feed only; empty ``weights`` means 1 each."""
+    weighted = len(weights) == len(times) and len(times) > 0
+    for i in range(len(times)):
+        j = slot[(_charged(times[i], lo, open_minute) - lo) // 60_000_000_000]
+        w = weights[i] if weighted else 1
+        feed[counter, j] += w
+        if syms[i] >= 0:
+            cells[counter, j, syms[i]] += w
+
+
+@numba.njit(cache=True)
+def _newest(times, syms, lo, open_minute, slot, last):
+    """``last[minute, symbol]``: the newest of ``times`` per cell of its charged minute."""
+    for i in range(len(times)):
+        j = slot[(_charged(times[i], lo, open_minute) - lo) // 60_000_000_000]
+        if times[i] > last[j, syms[i]]:
+            last[j, syms[i]] = times[i]
+
+
+_NO_WEIGHTS = np.zeros(0, np.int64)
 
 
 class _Grid:
@@ -531,13 +619,11 @@ class QualityEngine:
             self._pending.append((events, f))
             return QualityReport(flags, quarantine_mask)
         for pending, pf in self._pending:
-            self._charge(pending, np.full(len(pending[0]), self.open_minute), pf)
+            self._charge(pending, pf, self.open_minute, self.open_minute)
         self._pending = []
         lo = (open_before if open_before is not None else self.open_minute) - (c.window - 1) * MINUTE
-        minute = events[0] - events[0] % MINUTE
-        charge = np.where((minute >= lo) & (minute <= self.open_minute), minute, self.open_minute)
         in_bars = ~too_late if quarantine_mask is None else ~too_late & ~spike
-        self._charge(events, charge, f, accepted.time[in_bars], accepted.symbol[in_bars])
+        self._charge(events, f, lo, self.open_minute, accepted.time[in_bars], accepted.symbol[in_bars])
         for i in gapped:  # gaps are rare where ids are sequential
             t = int(accepted.trade_id[i])
             self.gaps.setdefault(int(accepted.symbol[i]), []).append(
@@ -548,29 +634,34 @@ class QualityEngine:
         self._expire_gaps(lo)
         return QualityReport(flags, quarantine_mask)
 
-    def _charge(self, events: tuple[np.ndarray, ...], charge: np.ndarray, f: int,
+    def _charge(self, events: list[_Part], f: int, lo: int, open_minute: int,
                 kept_t: np.ndarray | None = None, kept_s: np.ndarray | None = None) -> None:
-        """Add events to the counters of the bar of their ``charge`` minute, and note the newest
-        trade per cell of the trades kept in bars (their own minutes are charged).
+        """Add events to the counters of the bar of the minute each is charged to (its own
+        inside ``[lo, open_minute]``, else the open minute), and note the newest trade per cell
+        of the trades kept in bars.
 
         Only the 1m counters change here; higher timeframes get the per-minute sums when read
         (:meth:`_roll_up`), which keeps a batch's cost independent of the timeframe count.
         """
-        _, syms, counters, weights = events
         S = len(self.ring_n)
-        if len(charge) and charge.min() == charge.max():  # the usual case: one minute
-            minutes, loc = charge[:1], np.zeros(len(charge), np.int64)
-        else:
-            minutes, loc = np.unique(charge, return_inverse=True)
+        used = np.zeros((open_minute - lo) // MINUTE + 1, bool)
+        for _, times, _, _ in events:
+            _mark(times, lo, open_minute, used)
+        if kept_t is not None:
+            _mark(kept_t, lo, open_minute, used)
+        if not used.any():
+            return
+        slot = np.cumsum(used) - 1
+        minutes = lo + MINUTE * np.flatnonzero(used).astype(np.int64)
         U = len(minutes)
-        has = syms >= 0
-        cells = np.bincount(((counters * U + loc) * S + syms)[has], weights[has],
-                            minlength=_N_COUNTERS * U * S).reshape(_N_COUNTERS, U, S).astype(np.int64)
-        feed = np.bincount(counters * U + loc, weights, minlength=_N_COUNTERS * U)
-        feed = feed.reshape(_N_COUNTERS, U).astype(np.int64)
+        cells = np.zeros((_N_COUNTERS, U, S), np.int64)
+        feed = np.zeros((_N_COUNTERS, U), np.int64)
+        for counter, times, syms, weights in events:
+            _tally(times, syms, _NO_WEIGHTS if weights is None else weights, counter, lo,
+                   open_minute, slot, cells, feed)
         last = np.zeros((U, S), np.int64)
         if kept_t is not None and len(kept_t):
-            np.maximum.at(last, (np.searchsorted(minutes, kept_t - kept_t % MINUTE), kept_s), kept_t)
+            _newest(kept_t, kept_s, lo, open_minute, slot, last)
         grid = self.grids["1m"]
         grid.widen(S, len(self.feeds))
         rows = grid.rows_for(minutes)
