@@ -41,6 +41,7 @@ SERIES: tuple[str, ...] = (
     "trades_per_s", "received", "accepted", "quarantined", "duplicates", "flush_ms_p50",
     "flush_ms_p99", "store_bytes", "last_flush_age_s", "sessions", "rss_mb", "cpu_pct",
     "cache_entries", "cache_hit_pct", "cache_bytes", "cache_evictions", "cache_expirations",
+    "latency_ms_p50", "latency_ms_p99", "validate_mtps", "quality_mtps", "bars_mtps",
 )
 
 
@@ -170,7 +171,12 @@ class MonitorCollector:
             "last_flush_age_s": now - last_flush if last_flush > 0 else math.nan,
             "sessions": float(self.sessions()),
             "rss_mb": memory, "cpu_pct": self._process.cpu_percent(None),
+            "latency_ms_p50": _number(figures.get("latency_ms_p50")),
+            "latency_ms_p99": _number(figures.get("latency_ms_p99")),
         }
+        stages = figures.get("stage_rates") or {}
+        for stage in ("validate", "quality", "bars"):  # millions of trades per CPU second
+            row[f"{stage}_mtps"] = _number(stages.get(stage)) / 1e6
         stats = self._cache_stats()
         for key in ("entries", "bytes", "evictions", "expirations"):
             row[f"cache_{key}"] = _number(stats.get(key)) if stats else math.nan
@@ -364,9 +370,20 @@ class MonitorView(PeriodicRefresh, pn.viewable.Viewer):
                                   [("cache_hit_pct", "hit rate %", "#ef5350"),
                                    ("cache_entries", "entries", "#26a69a")], right="entries")
         self.cache_figure.visible = self.collector.cache is not None
+        self.latency_figure = lines(figure(name="latency", title="receive → bar latency (ms)",
+                                           **common),
+                                    [("latency_ms_p50", "p50", UP_COLOR),
+                                     ("latency_ms_p99", "p99", DOWN_COLOR)])
+        self.stages_figure = lines(figure(name="stages",
+                                          title="stage throughput (M trades per CPU second)",
+                                          **common),
+                                   [("validate_mtps", "validate", "#2962ff"),
+                                    ("quality_mtps", "quality", "#ff9800"),
+                                    ("bars_mtps", "bars", UP_COLOR)])
         # Plain rows and columns: a Bokeh GridPlot inside Panel never reports itself rendered
         # (the document stays busy and later page switches do not reach the browser).
         grid = column(row(self.throughput_figure, self.flush_figure, sizing_mode="stretch_width"),
+                      row(self.latency_figure, self.stages_figure, sizing_mode="stretch_width"),
                       row(self.process_figure, self.cache_figure, sizing_mode="stretch_width"),
                       sizing_mode="stretch_width")
         self._figures_pane = pn.pane.Bokeh(grid, sizing_mode="stretch_width")
@@ -405,6 +422,8 @@ class MonitorView(PeriodicRefresh, pn.viewable.Viewer):
             ("accepted", _fmt(latest["accepted"])),
             ("quarantined", _fmt(latest["quarantined"])),
             ("duplicates", _fmt(latest["duplicates"])),
+            ("receive → bar p50 / p99", (f'{_fmt(latest["latency_ms_p50"], ".1f")} / '
+                                         f'{_fmt(latest["latency_ms_p99"], ".1f", " ms")}')),
             ("flush p50 / p99", (f'{_fmt(latest["flush_ms_p50"], ".1f")} / '
                                  f'{_fmt(latest["flush_ms_p99"], ".1f", " ms")}')),
             ("store", format_bytes(latest["store_bytes"])),
@@ -416,11 +435,14 @@ class MonitorView(PeriodicRefresh, pn.viewable.Viewer):
         cache = latest.get("cache")
         if cache:
             cards += [("cache entries", _fmt(_number(cache.get("entries")))),
+                      ("cache hits / misses", (f'{_fmt(_number(cache.get("hits")))} / '
+                                               f'{_fmt(_number(cache.get("misses")))}')),
                       ("cache hit rate", _fmt(100 * _number(cache.get("hit_rate")), ".1f", " %")),
                       ("cache size", format_bytes(_number(cache.get("bytes")))),
                       ("evictions / expirations",
                        (f'{_fmt(_number(cache.get("evictions")))} / '
-                        f'{_fmt(_number(cache.get("expirations")))}'))]
+                        f'{_fmt(_number(cache.get("expirations")))}')),
+                      ("oldest entry", _fmt(_number(cache.get("oldest_age_s")), ".1f", " s"))]
         self._cards.object = "".join(
             f'<div class="tf-card"><div class="tf-card-label">{html.escape(label)}</div>'
             f'<div class="tf-card-value">{value}</div></div>' for label, value in cards)

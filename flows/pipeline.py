@@ -83,6 +83,11 @@ class StageStats:
     batches: int = 0
     started: float = field(default_factory=time.perf_counter)
     bar_seconds: float = 0.0
+    validate_seconds: float = 0.0
+    quality_seconds: float = 0.0
+    trades: int = 0
+    #: receive-to-bar latency samples (ms): up to 16 trades a batch that carry a receive time
+    latency_ms: deque = field(default_factory=lambda: deque(maxlen=4000))
     flush_ms: deque = field(default_factory=lambda: deque(maxlen=1000))
     snapshot_ms: deque = field(default_factory=lambda: deque(maxlen=1000))
     last_flush_wall: float = 0.0
@@ -202,8 +207,12 @@ class Flow:
         return self.validator.counters
 
     def _validate(self, batch: TradeBatch) -> tuple[TradeBatch, Quarantine]:
+        t0 = time.perf_counter()
         accepted, quarantine = self.validator.process(batch)
         self._quarantine(quarantine)
+        t1 = time.perf_counter()
+        self.stats.validate_seconds += t1 - t0
+        self.stats.trades += len(batch)
         if self.analytics is not None and self.analytics.quality is not None:
             report = self.analytics.quality.observe(batch, accepted, quarantine, feed=self._feed)
             if len(report.flags):
@@ -216,6 +225,7 @@ class Flow:
                 moved = Quarantine.from_batch(spikes, np.full(len(spikes), REASONS.index("spike")))
                 self.validator.quarantine_late(moved)  # accepted -> quarantined, counters reconcile
                 self._quarantine(moved)
+            self.stats.quality_seconds += time.perf_counter() - t1
         return accepted, quarantine
 
     def _fold(self, accepted: TradeBatch):
@@ -227,6 +237,11 @@ class Flow:
             self.validator.quarantine_late(update.too_late)
             self._quarantine(update.too_late)
         self.stats.bar_seconds += time.perf_counter() - t0
+        recv = accepted.recv_time
+        if len(recv) and recv[-1] > 0:  # live feeds stamp their trades on receipt
+            now = time.time_ns()
+            sample = recv[:: max(1, len(recv) // 16)]
+            self.stats.latency_ms.extend(((now - sample[sample > 0]) / 1e6).tolist())
         return update
 
     def _quarantine(self, q: Quarantine) -> None:
@@ -517,13 +532,24 @@ class Flow:
         return frame
 
     def monitor(self) -> dict:
-        """Pipeline figures for the monitor: throughput, bar-stage time, flushes, store size."""
+        """Pipeline figures for the monitor: throughput, each stage's own rate (trades per second
+        of its CPU time: validate, quality, bars), receive-to-bar latency p50/p99 (ms, over the
+        trades of live feeds, which stamp their receive time), flushes, store size."""
         c, st = self.counters, self.stats
         elapsed = max(time.perf_counter() - st.started, 1e-9)
         flush = np.asarray(st.flush_ms, dtype=float)
+        latency = np.asarray(st.latency_ms, dtype=float)
+
+        def rate(seconds: float) -> float | None:  # trades per second of that stage's own time
+            return st.trades / seconds if seconds > 0 else None
+
         return {
             "received": c.received, "accepted": c.accepted, "batches": st.batches,
             "trades_per_s": c.received / elapsed, "bar_stage_s": st.bar_seconds,
+            "stage_rates": {"validate": rate(st.validate_seconds), "quality": rate(st.quality_seconds),
+                            "bars": rate(st.bar_seconds)},
+            "latency_ms_p50": float(np.percentile(latency, 50)) if len(latency) else None,
+            "latency_ms_p99": float(np.percentile(latency, 99)) if len(latency) else None,
             "flush_ms_p50": float(np.percentile(flush, 50)) if len(flush) else None,
             "flush_ms_p99": float(np.percentile(flush, 99)) if len(flush) else None,
             "last_flush": st.last_flush_wall, "flushes": len(flush),
