@@ -12,23 +12,41 @@ and a sequence jump says nothing about missed trades. ``trade_id`` is numbered c
 product (every one of the 97 follow-on matches in the 2021 capture is its predecessor's id + 1),
 so a jump in ``trade_id`` is what reveals a lost match; ``sequence`` is used to spot frames
 arriving out of order or twice.
+
+:class:`CoinbaseFeed` runs the parser on a :class:`~flows.feeds.connection.WebsocketFeed`
+(reconnect, idle timeout, circuit breaker, health): it sends the subscribe message on every
+connect, so a reconnect resubscribes exactly the current products. Coinbase then sends a
+``last_match`` per product -- usually a trade we already have (counted as ``overlap`` in the
+feed's health; the flow's validator drops it as a duplicate by ``trade_id``), or, when trades
+happened while we were away, a jump in ``trade_id`` (a ``trade_id_gap`` event with the number
+of missed trades). ``heartbeat`` is subscribed too: a frame a second per product keeps a quiet
+product from looking like a dead connection.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from flows.feeds import FeedError
+from flows.feeds.connection import ConnectionConfig, Sink, WebsocketFeed
 from flows.schema import BUY, NS, SELL, Quarantine, SymbolTable, TradeBatch
 
-__all__ = ["CoinbaseParser", "capture_frames", "iso_to_ns", "subscribe_message"]
+__all__ = ["CHANNELS", "DEFAULT_URL", "CoinbaseFeed", "CoinbaseParser", "capture_frames",
+           "iso_to_ns", "product_ids", "start_coinbase", "subscribe_message"]
 
+#: Coinbase Exchange's public websocket feed.
+DEFAULT_URL = "wss://ws-feed.exchange.coinbase.com"
+#: Channels :class:`CoinbaseFeed` subscribes by default.
+CHANNELS = ("matches", "heartbeat")
 #: Frame types that carry a trade.
 MATCH_TYPES = ("match", "last_match")
+_PRODUCT = re.compile(r"[A-Z0-9]{1,20}-[A-Z0-9]{1,20}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_ID = 2**62
 
@@ -115,7 +133,8 @@ class CoinbaseParser:
     - ``gaps``: one dict per lost run of matches, ``{"product_id", "after_trade_id",
       "next_trade_id", "missing"}``;
     - ``out_of_order``: matches whose ``sequence`` is not above the product's last one
-      (replayed or reordered frames; still parsed -- the validator drops true duplicates);
+      (replayed or reordered frames; still parsed -- the validator drops true duplicates),
+      ``{"product_id", "sequence", "last_sequence", "trade_id"}``;
     - ``fatal``: the message of an ``error`` frame (a refused subscription or bad request:
       sending the same request again cannot succeed; the key Polygon uses for ``auth_failed``).
 
@@ -229,7 +248,8 @@ class CoinbaseParser:
             last_seq = self.last_sequence.get(product)
             if last_seq is not None and sequence <= last_seq:
                 info.setdefault("out_of_order", []).append(
-                    {"product_id": product, "sequence": sequence, "last_sequence": last_seq})
+                    {"product_id": product, "sequence": sequence, "last_sequence": last_seq,
+                     "trade_id": trade_id})
             else:
                 self.last_sequence[product] = sequence
 
@@ -249,3 +269,136 @@ def capture_frames(path: str | os.PathLike) -> Iterator[tuple[Any, int]]:
                 yield obj["frame"], round(float(obj["recv_ts"]) * NS)
             except (ValueError, KeyError, TypeError, OverflowError):
                 yield line.decode("utf-8", "replace").strip(), 0
+
+
+# --------------------------------------------------------------------------- the live feed
+
+def product_ids(symbols: str | Iterable[str]) -> list[str]:
+    """Return Coinbase product ids (``BASE-QUOTE``, upper case) for ``symbols``, deduplicated.
+
+    Examples
+    --------
+    >>> product_ids(["btc-usd", " ETH-EUR ", "BTC-USD"]), product_ids("SKL-USD,BAND-GBP")
+    (['BTC-USD', 'ETH-EUR'], ['SKL-USD', 'BAND-GBP'])
+    >>> product_ids(["BTCUSD"])
+    Traceback (most recent call last):
+    ...
+    flows.feeds.FeedError: coinbase: bad product id 'BTCUSD' (expected e.g. BTC-USD)
+    """
+    if isinstance(symbols, str):
+        symbols = symbols.split(",")
+    out = []
+    for s in symbols:
+        p = str(s).strip().upper()
+        if not _PRODUCT.fullmatch(p):
+            raise FeedError(f"coinbase: bad product id {s!r} (expected e.g. BTC-USD)")
+        out.append(p)
+    return list(dict.fromkeys(out))
+
+
+class CoinbaseFeed(WebsocketFeed):
+    """Coinbase ``matches`` into ``sink`` as TradeBatch, resilient to drops and bad frames.
+
+    Parameters
+    ----------
+    table : the flow's symbol table (symbols are product ids, ``BTC-USD``).
+    products : product ids to subscribe (:func:`product_ids` normalizes them).
+    sink : ``sink(batch, unparsed)``, e.g. ``flow.push``.
+    url : the endpoint; default :data:`DEFAULT_URL`.
+    channels : channels of the subscribe message; ``matches`` carries the trades.
+    **kwargs : :class:`~flows.feeds.connection.WebsocketFeed` options (config, clock, rng, ...).
+
+    Frames without a trade are counted in the health's ``ignored`` by type; an ``error`` frame
+    (a refused subscription) fails the feed with Coinbase's message, without retrying.
+    Matches arriving with an old ``sequence`` but a new ``trade_id`` (reordered, not
+    replayed) are recorded as ``out_of_order`` events.
+
+    Examples
+    --------
+    >>> feed = CoinbaseFeed(SymbolTable(), ["band-gbp"], sink=lambda b, q: None)
+    >>> feed.subscriptions
+    ['BAND-GBP']
+    >>> json.loads(feed.subscribe_messages(feed.subscriptions, on_connect=True)[0])["channels"]
+    ['matches', 'heartbeat']
+    >>> b, q = feed.parse('{"type":"heartbeat","last_trade_id":881614,"product_id":"BAND-GBP",'
+    ...                   '"sequence":333939590,"time":"2021-04-17T16:43:45.0Z"}', recv_ns=0)
+    >>> len(b), len(q), feed.health().ignored
+    (0, 0, {'heartbeat': 1})
+    """
+
+    name = "coinbase"
+
+    def __init__(self, table: SymbolTable, products: str | Iterable[str], sink: Sink, *,
+                 url: str | None = None, channels: Sequence[str] = CHANNELS, **kwargs):
+        if "matches" not in channels:
+            raise FeedError("coinbase: the matches channel carries the trades; keep it in channels")
+        products = product_ids(products)
+        if not products:
+            raise FeedError("coinbase: no products to subscribe")
+        super().__init__(sink, products, **kwargs)
+        self.table, self.channels = table, tuple(channels)
+        self.endpoint = url or DEFAULT_URL
+        self.parser = CoinbaseParser(table)
+
+    # -- WebsocketFeed hooks ------------------------------------------------------------------
+
+    def url(self, subscriptions: Sequence[str]) -> str:
+        return self.endpoint
+
+    def subscribe_messages(self, streams: Sequence[str], on_connect: bool) -> list[str]:
+        if not streams:
+            return []
+        return [json.dumps(subscribe_message(list(streams), self.channels))]
+
+    def unsubscribe_messages(self, streams: Sequence[str]) -> list[str]:
+        return [json.dumps({"type": "unsubscribe", "product_ids": list(streams),
+                            "channels": list(self.channels)})]
+
+    def check_subscriptions(self, streams: Sequence[str]) -> None:
+        product_ids(streams)
+
+    def subscribe(self, streams: str | Iterable[str]) -> None:
+        """Add products (normalized like :func:`product_ids`) now and on every reconnect."""
+        super().subscribe(product_ids(streams))
+
+    def unsubscribe(self, streams: str | Iterable[str]) -> None:
+        super().unsubscribe(product_ids(streams))
+
+    def parse(self, message: str | bytes, recv_ns: int) -> tuple[TradeBatch, Quarantine]:
+        """One frame -> (trades, quarantine records); never raises for bad input."""
+        trades, bad, info = self.parser.parse(message, recv_ns)
+        for kind, n in info.get("ignored", {}).items():
+            for _ in range(n):
+                self.tracker.ignored(kind)
+        for entry in info.get("out_of_order", []):
+            # At or below the highest id seen it is a replay, counted as overlap by the tracker.
+            last = self.tracker.last_id(self.table.lookup(entry["product_id"]))
+            if last is None or entry["trade_id"] > last:
+                self.tracker.event("out_of_order", **entry)
+        if "fatal" in info:
+            self.give_up(f"coinbase refused the request: {info['fatal']}")
+        return trades, bad
+
+
+def start_coinbase(flow, symbols: str | Sequence[str], *, url: str | None = None,
+                   config: ConnectionConfig | None = None, **kwargs) -> CoinbaseFeed:
+    """Run Coinbase ``matches`` for the products ``symbols`` into ``flow``; return the feed.
+
+    The feed's state drives ``flow.feed_state``, its health is registered with
+    ``flow.register_feed``, its batches are pushed as feed ``coinbase`` (the per-feed quality
+    score), and the flow's flusher persists. Stop with ``feed.stop()``.
+    """
+    if config is not None:
+        kwargs["config"] = config
+    name = kwargs.setdefault("name", CoinbaseFeed.name)
+
+    def on_state(state: str) -> None:
+        flow.feed_state = state
+
+    def sink(batch: TradeBatch, unparsed: Quarantine) -> None:
+        flow.push(batch, unparsed, feed=name)
+
+    feed = CoinbaseFeed(flow.table, symbols, sink, url=url, on_state=on_state, **kwargs)
+    flow.register_feed(name, feed.health)
+    flow.start_flusher()
+    return feed.start()

@@ -12,8 +12,10 @@ Everything else is here, once:
 - **Resubscribe** exactly the current subscriptions after every reconnect (they are part of
   the URL or replayed as messages).
 - **Circuit breaker** (:class:`CircuitBreaker`): ``max_failures`` failed attempts within
-  ``failure_window_s``, a fatal close code (bad auth, policy violation) or a refused handshake
-  (HTTP 401/403/...) mark the feed ``FAILED`` with a reason instead of looping silently.
+  ``failure_window_s``, a fatal close code (bad auth, policy violation), a refused handshake
+  (HTTP 401/403/...) or a frame saying retrying cannot help (the parser calls
+  :meth:`WebsocketFeed.give_up`: Polygon's ``auth_failed``, a Coinbase ``error``) mark the feed
+  ``FAILED`` with a reason instead of looping silently.
 - **Bounded queue** between the IOLoop thread (reads, parses) and a consumer thread (calls
   ``sink(batch, quarantine)``, usually :meth:`flows.pipeline.Flow.push`): when the sink falls
   behind, whole frames are dropped and counted, the socket is never blocked.
@@ -33,8 +35,9 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.ioloop import IOLoop
 from tornado.websocket import (
@@ -44,7 +47,7 @@ from tornado.websocket import (
 )
 
 from flows.feeds.health import FeedHealth, HealthTracker
-from flows.schema import Quarantine, TradeBatch
+from flows.schema import NO_ID, Quarantine, TradeBatch
 
 __all__ = ["Backoff", "CircuitBreaker", "ConnectionConfig", "Sink", "WebsocketFeed"]
 
@@ -209,9 +212,17 @@ class WebsocketFeed:
     clock : monotonic seconds; ``wall_ns`` receive timestamps (ns since the epoch).
     rng : jitter source of the backoff.
     on_state : called with each new state (e.g. to set ``flow.feed_state``).
+
+    Attributes
+    ----------
+    contiguous_ids : class attribute; True when the venue numbers every trade of a symbol
+        one after the other, so a jump in ``trade_id`` is a lost trade (health ``gaps``).
+        False for ids that only increase (Polygon's ``q``): no gap or overlap is inferred.
+    failure : the reason the feed FAILED, or None.
     """
 
     name = "websocket"
+    contiguous_ids = True
 
     def __init__(self, sink: Sink, subscriptions: Iterable[str] = (), *,
                  config: ConnectionConfig | None = None, name: str | None = None,
@@ -239,7 +250,7 @@ class WebsocketFeed:
         self._conn: WebSocketClientConnection | None = None
         self._reader: threading.Thread | None = None
         self._consumer: threading.Thread | None = None
-        #: the reason the feed FAILED, or None.
+        self._give_up: str | None = None
         self.failure: str | None = None
 
     # -- what a venue supplies --------------------------------------------------------------
@@ -267,6 +278,14 @@ class WebsocketFeed:
 
     def check_subscriptions(self, streams: Sequence[str]) -> None:
         """Raise (a :class:`~flows.feeds.FeedError`) when ``streams`` cannot be subscribed together."""
+
+    def give_up(self, reason: str) -> None:
+        """Mark the feed FAILED with ``reason`` after the current frame; do not reconnect.
+
+        For :meth:`parse` (on the IOLoop thread) when the venue says that sending the same
+        request again cannot succeed -- a rejected API key, a refused subscription.
+        """
+        self._give_up = reason
 
     # -- control ---------------------------------------------------------------------------
 
@@ -424,6 +443,8 @@ class WebsocketFeed:
         try:
             while not self._stop.is_set():
                 outcome = await self._attempt(stop)
+                if self._give_up is not None:
+                    outcome = _Outcome(f"{self._give_up}; not retrying", fatal=True)
                 if self._stop.is_set():
                     break
                 if outcome.fatal:
@@ -505,6 +526,8 @@ class WebsocketFeed:
                                 fatal=code in cfg.fatal_close_codes, healthy=healthy)
             reading = conn.read_message()
             self._on_frame(message)
+            if self._give_up is not None:
+                return _Outcome(self._give_up, fatal=True)
             if not healthy and self.clock() - opened >= cfg.healthy_after_s:
                 healthy = True
                 self.backoff.reset()
@@ -536,7 +559,10 @@ class WebsocketFeed:
                 text = message if isinstance(message, str) else message.decode("utf-8", "replace")
                 batch, unparsed = TradeBatch(), Quarantine.malformed([text])
                 self.tracker.error(f"parse failed: {type(exc).__name__}: {exc}")
-        self.tracker.observe(batch, recv_ns)
+        if self.contiguous_ids or not len(batch):
+            self.tracker.observe(batch, recv_ns)
+        else:
+            self.tracker.observe(replace(batch, trade_id=np.full(len(batch), NO_ID, np.int64)), recv_ns)
         if len(unparsed):
             self.tracker.quarantined(len(unparsed))
         if len(batch) or len(unparsed) or self.wake_consumer:

@@ -13,23 +13,31 @@ dict in the same shape. Failures are handled so that a struggling server is not 
 
 Every time source is injected (``clock``, ``sleep``, ``wall_ns``, ``rng``), so tests drive the
 schedule with a fake clock and take no real time waiting.
+
+:class:`PollingFeed` runs a poller in a thread and pushes what it parses into a sink (usually
+``flow.push``), with the same surface as the websocket feeds (:meth:`~PollingFeed.start`,
+:meth:`~PollingFeed.stop`, :meth:`~PollingFeed.health` returning a
+:class:`~flows.feeds.health.FeedHealth`, ``failure``, :meth:`~PollingFeed.is_alive`).
 """
 from __future__ import annotations
 
 import concurrent.futures
-
+import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from flows.feeds.health import FeedHealth, HealthTracker
 from flows.schema import Quarantine, TradeBatch
 
-__all__ = ["BACKOFF", "FAILED", "LIVE", "STALE", "STARTING", "HttpPoller", "Response",
-           "tornado_fetch"]
+__all__ = ["BACKOFF", "FAILED", "LIVE", "STALE", "STARTING", "HttpPoller", "PollingFeed",
+           "Response", "tornado_fetch"]
+
+log = logging.getLogger(__name__)
 
 STARTING, LIVE, BACKOFF, STALE, FAILED = "STARTING", "LIVE", "BACKOFF", "STALE", "FAILED"
 
@@ -111,7 +119,8 @@ class HttpPoller:
     health : dict shared with the websocket feeds -- ``state`` (STARTING, LIVE, BACKOFF, STALE,
         FAILED), ``last_error``, ``polls`` (requests made), ``errors`` (failed requests),
         ``rate_limited`` (429s), ``consecutive_errors``, ``last_ok`` (clock s of the last
-        good poll), ``next_delay_s`` and ``backoff_bound_s`` (the current jitter ceiling).
+        good poll), ``next_delay_s`` and ``backoff_bound_s`` (the current jitter ceiling, or
+        the wait ``Retry-After`` asked for after a 429).
 
     Examples
     --------
@@ -212,12 +221,18 @@ class HttpPoller:
         self._set_delay(max(0.0, started + self.interval_s - self.clock()))
         return result
 
-    def run(self, emit: Callable[[Any], Any], max_polls: int | None = None) -> None:
-        """Poll until :meth:`stop`, ``FAILED`` or ``max_polls``; ``emit`` each parse result."""
+    def run(self, emit: Callable[[Any], Any], max_polls: int | None = None,
+            on_poll: Callable[[dict[str, Any]], Any] | None = None) -> None:
+        """Poll until :meth:`stop`, ``FAILED`` or ``max_polls``; ``emit`` each parse result.
+
+        ``on_poll(health)`` is called after every poll, good or failed, before ``emit``.
+        """
         polls = 0
         while not self._stop.is_set() and not self.failed:
             result = self.poll_once()
             polls += 1
+            if on_poll is not None:
+                on_poll(self.health)
             if result is not None:
                 emit(result)
             if self.failed or (max_polls is not None and polls >= max_polls):
@@ -244,6 +259,8 @@ class HttpPoller:
             bound = min(self.backoff_cap_s, self.backoff_base_s * 2.0 ** min(n - 1, 60))
             h["backoff_bound_s"] = bound
             wait = self.rng.uniform(0.0, bound)
+        else:
+            h["backoff_bound_s"] = wait
         self._set_delay(wait)
 
     def _retry_after(self, headers: Mapping[str, str]) -> float:
@@ -262,3 +279,161 @@ class HttpPoller:
             return 0.0
         now_s = now.timestamp() if now is not None else self.wall_ns() / 1e9
         return max(0.0, when.timestamp() - now_s)
+
+
+class PollingFeed:
+    """Poll ``url`` in a thread, parse each body and push the result into ``sink``.
+
+    The polling twin of :class:`~flows.feeds.connection.WebsocketFeed`: same states
+    (``CONNECTING`` until the first good poll, ``LIVE``, ``STALE`` when good polls stopped,
+    ``BACKOFF`` after a failed one, ``FAILED`` with a reason, ``STOPPED``) and the same
+    :class:`~flows.feeds.health.FeedHealth`: ``frames`` are good polls, ``reconnects``
+    recoveries after failed polls, ``events["rate_limited"]`` the 429s. A failed poll is never
+    pushed; a parser that raises has the body quarantined (``malformed``) and the feed goes on.
+
+    Parameters
+    ----------
+    url : the endpoint.
+    parse : ``parse(body, recv_ns) -> (TradeBatch, Quarantine, info)``; an ``info["error"]``
+        is kept as the health's last error.
+    sink : ``sink(batch, unparsed)``, called from the feed's thread, e.g. ``flow.push``.
+    interval_s : seconds between the starts of successive polls.
+    name : feed name in health reports.
+    on_state : called with each new state (e.g. to set ``flow.feed_state``).
+    clock : monotonic seconds.
+    max_failures : consecutive failed polls after which the feed gives up (``FAILED``); None
+        retries forever. A ``4xx`` other than 429 fails at once.
+    **poller : further :class:`HttpPoller` options (``fetch``, ``wall_ns``, ``timeout_s``,
+        ``backoff_base_s``, ``backoff_cap_s``, ``headers``, ``rng``, ...).
+
+    Examples
+    --------
+    >>> from flows.schema import SymbolTable
+    >>> replies = iter([Response(200, body=b"7"), Response(200, body=b"oops"), Response(404)])
+    >>> def parse(body, recv_ns):
+    ...     size = float(body)  # raises on b"oops": quarantined, the feed goes on
+    ...     return TradeBatch.from_columns(SymbolTable(), time=[recv_ns], symbol=["X"],
+    ...                                    price=[1.0], size=[size]), Quarantine(), {}
+    >>> got = []
+    >>> feed = PollingFeed("http://127.0.0.1:1/", parse, lambda b, q: got.append((len(b), len(q))),
+    ...                    fetch=lambda url, timeout, headers: next(replies), interval_s=0.01)
+    >>> feed.start().join(5)
+    >>> got, feed.failure, feed.health().quarantined
+    ([(1, 0), (0, 1)], 'HTTP 404 from http://127.0.0.1:1/', 1)
+    """
+
+    name = "poller"
+
+    def __init__(self, url: str, parse: Callable[[bytes, int], tuple], sink, *,
+                 interval_s: float = 5.0, name: str | None = None,
+                 on_state: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic, max_failures: int | None = 10,
+                 **poller):
+        self.name = name or self.name
+        self.sink = sink
+        self.parse_body = parse
+        self.tracker = HealthTracker(self.name, clock=clock, on_state=on_state)
+        self.poller = HttpPoller(url, self._parse, interval_s, clock=clock,
+                                 max_failures=max_failures, **poller)
+        self._down = True
+        self._rate_limited = 0
+        self._thread: threading.Thread | None = None
+        #: the reason the feed FAILED, or None.
+        self.failure: str | None = None
+
+    def start(self) -> PollingFeed:
+        """Start polling in a daemon thread; return self."""
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name}: already started")
+        self._thread = threading.Thread(target=self._run, name=f"{self.name}-poll", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the poll in flight (a wait between polls ends at once); join the thread."""
+        self.poller.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the feed ends (stopped or FAILED)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def health(self) -> FeedHealth:
+        if self.tracker.state == "LIVE" and self.poller.health["state"] == STALE:
+            self.tracker.set_state("STALE", f"no good poll for {self.poller.stale_after_s:g} s")
+        return self.tracker.snapshot()
+
+    def wait_for_state(self, states: str | Iterable[str], timeout: float = 10.0) -> bool:
+        """Wait until the feed is in one of ``states``; False on timeout."""
+        wanted = {states} if isinstance(states, str) else set(states)
+        deadline = time.monotonic() + timeout
+        while self.tracker.state not in wanted:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    # -- the polling thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.poller.run(self._emit, on_poll=self._polled)
+        except Exception as exc:  # a bug in here must not leave the feed silently dead
+            log.exception("%s: poll loop crashed", self.name)
+            self._fail(f"internal error: {type(exc).__name__}: {exc}")
+            return
+        if self.poller.failed:
+            self._fail(self.poller.health["last_error"] or "failed")
+        else:
+            self.tracker.set_state("STOPPED")
+
+    def _fail(self, reason: str) -> None:
+        self.failure = reason
+        self.tracker.set_state("FAILED", reason)
+        log.error("%s: FAILED: %s", self.name, reason)
+
+    def _parse(self, body: bytes, recv_ns: int) -> tuple[TradeBatch, Quarantine, dict]:
+        self.tracker.frame()
+        try:
+            trades, unparsed, info = self.parse_body(body, recv_ns)
+        except Exception as exc:  # a parser bug must not kill the feed: quarantine the body
+            log.exception("%s: parse failed", self.name)
+            trades, info = TradeBatch(), {}
+            unparsed = Quarantine.malformed([body.decode("utf-8", "replace")])
+            self.tracker.error(f"parse failed: {type(exc).__name__}: {exc}")
+        self.tracker.observe(trades, recv_ns)
+        if len(unparsed):
+            self.tracker.quarantined(len(unparsed))
+        if info.get("error"):
+            self.tracker.error(str(info["error"]))
+        return trades, unparsed, info
+
+    def _polled(self, h: dict[str, Any]) -> None:
+        if h["rate_limited"] > self._rate_limited:
+            self._rate_limited = h["rate_limited"]
+            self.tracker.event("rate_limited", wait_s=h["next_delay_s"])
+        if h["state"] in (LIVE, STALE):
+            if self._down:
+                self.tracker.connected()
+                self._down = False
+            self.tracker.set_state("LIVE")
+        elif h["state"] == BACKOFF:
+            self._down = True
+            self.tracker.backoff(h["next_delay_s"], h["backoff_bound_s"])
+            self.tracker.set_state("BACKOFF", h["last_error"])
+
+    def _emit(self, result: tuple[TradeBatch, Quarantine, dict]) -> None:
+        trades, unparsed, _ = result
+        if not (len(trades) or len(unparsed)):
+            return
+        try:
+            self.sink(trades, unparsed)
+        except Exception as exc:  # the feed survives a failing sink; the loss is counted
+            log.exception("%s: sink failed", self.name)
+            self.tracker.dropped(1, len(trades) + len(unparsed))
+            self.tracker.error(f"sink failed: {type(exc).__name__}: {exc}")

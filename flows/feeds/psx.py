@@ -25,6 +25,10 @@ The board may be HTML (the first ``<table>`` with a header row) or JSON (a list 
 or an object holding one under ``data``/``rows``/``board``); headers are matched loosely
 (``CURRENT``/``last``/``price``, ``VOLUME``/``vol``, ...). When there is a sector column holding
 PSX sector codes, :func:`read_sector_codes` maps them to names in the symbol metadata.
+
+:class:`PsxFeed` polls the board (:class:`~flows.feeds.poller.PollingFeed`: 429
+``Retry-After``, backoff on 5xx and timeouts, ``FAILED`` on other 4xx) and pushes the synthetic
+trades into a flow; :func:`start_psx` wires it like the websocket venues.
 """
 from __future__ import annotations
 
@@ -43,9 +47,12 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
+from flows.feeds import FeedError
+from flows.feeds.poller import PollingFeed
 from flows.schema import REASONS, Quarantine, SymbolTable, TradeBatch
 
-__all__ = ["DEFAULT_URL", "Board", "PsxBoard", "SessionHours", "read_board", "read_sector_codes"]
+__all__ = ["DEFAULT_URL", "Board", "PsxBoard", "PsxFeed", "SessionHours", "read_board",
+           "read_sector_codes", "start_psx"]
 
 #: PSX's public market-watch page (an HTML table); pass another URL for a JSON endpoint.
 DEFAULT_URL = "https://dps.psx.com.pk/market-watch"
@@ -438,3 +445,73 @@ class PsxBoard:
                 entry.update(sector=name, sector_code=code)
             meta[sym] = entry
 
+
+
+class PsxFeed(PollingFeed):
+    """The PSX board polled every ``interval_s`` into ``sink`` as synthetic trades.
+
+    Parameters
+    ----------
+    table : the flow's symbol table (sector names land in ``table.meta``).
+    sink : ``sink(batch, unparsed)``, e.g. ``flow.push``.
+    url : the board; default :data:`DEFAULT_URL` (HTML), or any JSON board.
+    interval_s : seconds between polls.
+    session, sectors : see :class:`PsxBoard`.
+    **kwargs : :class:`~flows.feeds.poller.PollingFeed` options (``name``, ``on_state``,
+        ``max_failures``, ``fetch``, ``wall_ns``, ...).
+
+    The trades carry no id, so the health shows no gaps; their lag is zero (they are stamped
+    with the poll time).
+
+    Examples
+    --------
+    >>> from flows.feeds.poller import Response
+    >>> page = '[{{"symbol": "HBL", "current": {p}, "volume": {v}}}]'
+    >>> replies = iter([Response(200, body=page.format(p=151.2, v=1000).encode()),
+    ...                 Response(200, body=page.format(p=151.5, v=1600).encode()), Response(403)])
+    >>> got = []
+    >>> feed = PsxFeed(SymbolTable(), lambda b, q: got.append((b.size.tolist(), b.price.tolist())),
+    ...                interval_s=0.01, fetch=lambda url, timeout, headers: next(replies),
+    ...                wall_ns=lambda: 1618897800 * 10**9)   # a Tuesday, 10:50 in Karachi
+    >>> feed.start().join(5)
+    >>> got, feed.failure
+    ([([600.0], [151.5])], 'HTTP 403 from https://dps.psx.com.pk/market-watch')
+    """
+
+    name = "psx"
+
+    def __init__(self, table: SymbolTable, sink, *, url: str = DEFAULT_URL,
+                 interval_s: float = 5.0, session: SessionHours | None = None,
+                 sectors: dict[str, str] | None = None, **kwargs):
+        self.board = PsxBoard(table, session, sectors)
+        super().__init__(url, self.board.parse, sink, interval_s=interval_s, **kwargs)
+
+
+def start_psx(flow, *, url: str = DEFAULT_URL, interval_s: float = 5.0,
+              session: SessionHours | None = None,
+              sectors: dict[str, str] | str | os.PathLike | None = None, **kwargs) -> PsxFeed:
+    """Poll the PSX board into ``flow``; return the started :class:`PsxFeed`.
+
+    ``sectors`` is a code -> name mapping or a path to a sector-code CSV
+    (:func:`read_sector_codes`). The feed's state drives ``flow.feed_state``, its health is
+    registered with ``flow.register_feed``, trades are pushed as feed ``psx``, and the flow's
+    flusher persists. Stop with ``feed.stop()``.
+    """
+    if isinstance(sectors, (str, os.PathLike)):
+        try:
+            sectors = read_sector_codes(sectors)
+        except (OSError, UnicodeDecodeError, KeyError, csv.Error) as exc:
+            raise FeedError(f"psx: cannot read sector codes from {sectors}: {exc}") from None
+    name = kwargs.setdefault("name", PsxFeed.name)
+
+    def on_state(state: str) -> None:
+        flow.feed_state = state
+
+    def sink(batch: TradeBatch, unparsed: Quarantine) -> None:
+        flow.push(batch, unparsed, feed=name)
+
+    feed = PsxFeed(flow.table, sink, url=url, interval_s=interval_s, session=session,
+                   sectors=sectors, on_state=on_state, **kwargs)
+    flow.register_feed(name, feed.health)
+    flow.start_flusher()
+    return feed.start()
