@@ -1,11 +1,14 @@
 """The served tapeflow app: ``serve(source)`` from Python, or ``panel serve dashboards/app.py``.
 
-One app, three pages switched in the header: **Candles**, **Market** and **Monitor**. The page
-is in the URL (``?page=market``), so a reload or a shared link opens the same page; the theme
-too (``?theme=dark``; the header's toggle switches it). Every session gets its own
-:class:`~dashboards.state.AppState` and views over one shared source; a page's views are built
-the first time it is shown, and only the shown page refreshes. The page loads nothing from the
-internet (Panel and Bokeh serve their JavaScript from the same server; system fonts only).
+One app, five pages switched in the header: **Candles** (one symbol's live chart), **Market**
+(breadth, sector heatmap, movers), **Quality** (data-quality scores per symbol and feed, feed
+health, the quarantine), **Monitor** (pipeline, store and process figures) and **Alerts** (alert
+rules and the alerts that fired). The page is in the URL (``?page=market``), so a reload or a
+shared link opens the same page; the theme too (``?theme=dark``; the header's toggle switches
+it). Every session gets its own :class:`~dashboards.state.AppState` and views over one shared
+source; a page's views are built the first time it is shown, and only the shown page
+refreshes. The page loads nothing from the internet (Panel and Bokeh serve their JavaScript
+from the same server; system fonts only).
 """
 from __future__ import annotations
 
@@ -18,16 +21,19 @@ import param
 from bokeh.themes import Theme as BokehTheme
 from panel.custom import JSComponent
 
+from dashboards.alerts import AlertsView
 from dashboards.candles import FLAT_COLOR, UP_COLOR, CandlesView
 from dashboards.market import MarketView
 from dashboards.monitor import SESSIONS, MonitorView
+from dashboards.quality import QualityView
 from dashboards.source import BarSource, default_source
 from dashboards.state import PAGES, AppState
 
 TITLE = "tapeflow"
 
 #: Page key -> view class.
-VIEWS = {"candles": CandlesView, "market": MarketView, "monitor": MonitorView}
+VIEWS = {"candles": CandlesView, "market": MarketView, "quality": QualityView,
+         "monitor": MonitorView, "alerts": AlertsView}
 
 #: Theme colours as CSS variables (the Bokeh figures get Panel's matching Bokeh theme).
 _THEMES = {

@@ -4,14 +4,17 @@ in-memory implementation.
 The flow (``flows.pipeline``) implements both; dashboards use nothing else of it.
 :class:`FrameSource` holds bars in pandas DataFrames, for tests, notebooks and demos; its
 ``upsert`` and ``simulate`` mimic a live flow (the forming bar changes in place, new bars are
-appended), and it derives breadth, sector, heatmap, indicator and monitor figures from its bars
-with the flow's shapes (synthetic but consistent: the heatmap's advancers are the breadth's).
+appended), and it derives breadth, sector, heatmap, indicator, quality and monitor figures from
+its bars with the flow's shapes (synthetic but consistent: the heatmap's advancers are the
+breadth's). Quarantined records, alert rules and fired alerts are kept in memory; ``quarantine``
+and ``fire`` add records as a flow would.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -19,7 +22,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from flows.schema import BAR_FIELDS, TIMEFRAMES
+from flows.alerts import Alert, Rule
+from flows.quality import COMPONENTS, QUALITY_ATTRS, TOLERANCES, WEIGHTS
+from flows.schema import BAR_FIELDS, REASONS, TIMEFRAMES
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +96,41 @@ class MarketSource(BarSource, Protocol):
         ``flush_ms_p99`` (float or None), ``last_flush`` (epoch s, 0 if never) and
         ``store_bytes`` (int)."""
 
+    def quality(self, tf: str) -> xr.Dataset:
+        """Return data quality over ``time × symbol``: ``score`` and its components
+        ``rejected duplicates late staleness spike volume_outlier ohlc id_gaps`` (0-100, 100 is
+        clean; see :mod:`flows.quality`). A cell where nothing happened scores 100."""
+
+    def quality_feeds(self, tf: str) -> xr.Dataset:
+        """Return data quality over ``time × feed``, with the variables of :meth:`quality`."""
+
+    def quarantine_log(self, n: int = 1000) -> pd.DataFrame:
+        """Return the latest ``n`` quarantined records, newest first: ``time`` (event time,
+        ``datetime64[ns]``, NaT when unparsable), ``symbol``, ``reason`` (one of
+        :data:`flows.schema.REASONS`) and ``raw`` (the payload as received, or empty)."""
+
+    def feed_healths(self) -> list[dict]:
+        """Return one dict per feed: at least ``feed`` and ``state``; live venue feeds add
+        ``messages_per_s trades_per_s lag_ms_p50 lag_ms_p90 lag_ms_p99 reconnects gaps
+        missing_ids dropped_frames quarantined last_error`` (see
+        :class:`flows.feeds.health.FeedHealth`). Readers treat a missing key as unknown."""
+
+    def alert_rules(self) -> list[dict]:
+        """Return the alert rules: ``id``, ``text`` (the one-line form), ``kind``, ``symbol``,
+        ``tf``."""
+
+    def add_alert_rule(self, spec: str) -> dict:
+        """Add a rule from its one-line text (see :class:`flows.alerts.Rule`) and return it as
+        in :meth:`alert_rules`; raise ValueError with a one-line reason for a bad rule."""
+
+    def remove_alert_rule(self, rule_id: str) -> bool:
+        """Remove the rule with this id (or text); return whether one was removed."""
+
+    def fired_alerts(self, n: int = 500) -> pd.DataFrame:
+        """Return the latest ``n`` fired alerts, newest first: ``time`` (bar open) and
+        ``fired_at`` (``datetime64[ns]``), ``symbol``, ``tf``, ``rule``, ``rule_id``, ``kind``,
+        ``value``, ``threshold``, ``message``."""
+
 
 #: Columns of :meth:`MarketSource.heatmap`.
 HEATMAP_COLUMNS: tuple[str, ...] = ("symbol", "sector", "name", "return", "volume")
@@ -101,6 +141,11 @@ BREADTH_VARIABLES: tuple[str, ...] = (
 #: Variables of :meth:`MarketSource.sectors`.
 SECTOR_VARIABLES: tuple[str, ...] = (
     "return", "return_vw", "advancers", "decliners", "unchanged", "volume")
+#: Columns of :meth:`MarketSource.quarantine_log`.
+QUARANTINE_COLUMNS: tuple[str, ...] = ("time", "symbol", "reason", "raw")
+#: Columns of :meth:`MarketSource.fired_alerts`.
+ALERT_COLUMNS: tuple[str, ...] = ("time", "fired_at", "symbol", "tf", "rule", "rule_id", "kind",
+                                  "value", "threshold", "message")
 
 
 def empty_bars() -> pd.DataFrame:
@@ -174,6 +219,9 @@ class FrameSource:
         self._status = {"feed": feed, "state": "LIVE", "received": 0, "accepted": 0,
                         "quarantined": 0, "duplicates": 0, "quarantined_by_reason": {}}
         self._wide_memo: tuple[tuple[str, int], dict[str, pd.DataFrame]] | None = None
+        self._quarantined: deque[tuple] = deque(maxlen=10_000)
+        self._rules: dict[str, Rule] = {}
+        self._fired: deque[Alert] = deque(maxlen=1000)
 
     def symbols(self) -> list[str]:
         with self._lock:
@@ -361,6 +409,198 @@ class FrameSource:
                 "last_flush": self._changed_at, "flushes": self._version, "store": None,
                 "store_bytes": 0}
 
+    # -- quality, quarantine, feeds and alerts (the Quality and Alerts pages) -----------------
+    #
+    # Quality is synthetic but consistent with the bars: a bar without trades (volume 0) fails
+    # ``staleness``, a bar breaking an OHLC invariant fails ``ohlc``, every other component is
+    # clean, and the score combines them with the flow's weights. The quarantine log and the
+    # fired alerts hold what :meth:`quarantine` and :meth:`fire` recorded.
+
+    def _quality_cells(self, tf: str) -> dict[str, pd.DataFrame]:
+        """Return ``staleness`` and ``ohlc`` (0 or 100; 100 where the symbol has no bar) and
+        ``present`` (the symbol has a bar) as ``time × symbol`` frames."""
+        with self._lock:
+            per_symbol = {s: f for s, f in self._bars.get(tf, {}).items() if not f.empty}
+            names = [s for s in self._symbols if s in per_symbol]
+        index = pd.DatetimeIndex(np.empty(0, "datetime64[ns]"), name="time")
+        for name in names:
+            index = index.union(per_symbol[name].index)
+        present = np.zeros((len(index), len(names)), bool)
+        failed = {"staleness": present.copy(), "ohlc": present.copy()}
+        for j, name in enumerate(names):
+            bars = per_symbol[name]
+            rows = index.get_indexer(bars.index)
+            o, h, lo, c, v, w = (bars[k].to_numpy() for k in
+                                 ("open", "high", "low", "close", "volume", "vwap"))
+            present[rows, j] = True
+            failed["staleness"][rows, j] = v == 0
+            # NaN prices (a bar without trades) compare False: not broken.
+            failed["ohlc"][rows, j] = ((lo > np.fmin(o, c)) | (h < np.fmax(o, c)) | (w < lo)
+                                       | (w > h) | ((bars["trades"].to_numpy() > 0) & ~(v > 0)))
+        columns = pd.Index(names, name="symbol", dtype=object)
+        cells = {k: pd.DataFrame(np.where(f, 0.0, 100.0), index=index, columns=columns)
+                 for k, f in failed.items()}
+        cells["present"] = pd.DataFrame(present, index=index, columns=columns)
+        return cells
+
+    def quality(self, tf: str) -> xr.Dataset:
+        """Return quality over ``time × symbol`` (see :class:`MarketSource`), from the bars.
+
+        Examples
+        --------
+        >>> src = FrameSource.synthetic(["AAA", "BBB"], n_bars=3)
+        >>> src.upsert("1m", "BBB", src.bars("1m", "BBB", n=1).assign(volume=0.0, trades=0))
+        >>> q = src.quality("1m").isel(time=-1)
+        >>> q["staleness"].values.tolist(), q["score"].values.tolist()
+        ([100.0, 0.0], [100.0, 50.0])
+        """
+        cells = self._quality_cells(tf)
+        present = cells["present"]
+        return _quality_dataset({k: cells[k].to_numpy() for k in ("staleness", "ohlc")},
+                                present.index.values, "symbol",
+                                np.array(present.columns, dtype=object))
+
+    def quality_feeds(self, tf: str) -> xr.Dataset:
+        """Return quality over ``time × feed`` for the one feed of :meth:`status`: its
+        ``staleness`` and ``ohlc`` fall with the share of symbols stale / bars broken in a row,
+        reaching 0 at the flow's tolerance (10 %).
+
+        Examples
+        --------
+        >>> src = FrameSource.synthetic(["AAA", "BBB"], n_bars=3)
+        >>> src.upsert("1m", "BBB", src.bars("1m", "BBB", n=1).assign(volume=0.0, trades=0))
+        >>> src.quality_feeds("1m")["staleness"].sel(feed="synthetic").values.tolist()
+        [100.0, 100.0, 0.0]
+        """
+        cells = self._quality_cells(tf)
+        present = cells["present"].to_numpy()
+        symbols = max(present.shape[1], 1)
+        stale_share = (cells["staleness"].to_numpy() == 0).sum(axis=1) / symbols
+        broken_share = ((cells["ohlc"].to_numpy() == 0).sum(axis=1)
+                        / np.maximum(present.sum(axis=1), 1))
+        components = {
+            "staleness": 100 * np.maximum(0.0, 1 - stale_share / TOLERANCES["staleness"]),
+            "ohlc": 100 * np.maximum(0.0, 1 - broken_share / TOLERANCES["ohlc"]),
+        }
+        return _quality_dataset({k: v[:, None] for k, v in components.items()},
+                                cells["present"].index.values, "feed",
+                                np.array([self.status()["feed"]], dtype=object))
+
+    def quarantine(self, symbol: str, reason: str, at: object = None, raw: str = "") -> None:
+        """Record a quarantined trade, as a flow would (for tests and demos).
+
+        ``reason`` is one of :data:`flows.schema.REASONS`; ``at`` the trade's event time (None
+        when it was unparsable); ``raw`` the payload as received. The counts of :meth:`status`
+        follow.
+
+        Examples
+        --------
+        >>> src = FrameSource.synthetic(["AAA"], n_bars=3)
+        >>> src.quarantine("AAA", "non_positive_price", at="2024-01-02 15:59")
+        >>> src.quarantine("", "malformed", raw="{oops")
+        >>> log = src.quarantine_log()
+        >>> log["reason"].tolist(), log["time"].isna().tolist(), src.status()["quarantined"]
+        (['malformed', 'non_positive_price'], [True, False], 2)
+        """
+        if reason not in REASONS:
+            raise ValueError(f"unknown quarantine reason {reason!r} "
+                             f"(expected one of {', '.join(REASONS)})")
+        stamp = None if at is None else pd.Timestamp(at)
+        with self._lock:
+            self._quarantined.append((stamp, symbol, reason, raw))
+            by_reason = dict(self._status["quarantined_by_reason"])
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+            self._status.update(received=self._status["received"] + 1,
+                                quarantined=self._status["quarantined"] + 1,
+                                quarantined_by_reason=by_reason)
+
+    def quarantine_log(self, n: int = 1000) -> pd.DataFrame:
+        """Return the latest ``n`` records of :meth:`quarantine`, newest first."""
+        with self._lock:
+            rows = list(self._quarantined)[-n:][::-1] if n > 0 else []
+        frame = pd.DataFrame(rows, columns=list(QUARANTINE_COLUMNS))
+        frame["time"] = pd.to_datetime(frame["time"]).astype("datetime64[ns]")
+        return frame
+
+    def feed_healths(self) -> list[dict]:
+        """Return the one feed's health from :meth:`status` (the reduced form a flow without a
+        venue feed reports; ``set_status`` may add ``reconnects``, ``gaps``, ``last_error``)."""
+        status = self.status()
+        return [{"feed": status["feed"], "state": status["state"],
+                 "received": status["received"], "trades": status["accepted"],
+                 "quarantined": status["quarantined"],
+                 **{k: status.get(k, 0) for k in ("reconnects", "gaps")},
+                 "last_error": status.get("last_error")}]
+
+    def alert_rules(self) -> list[dict]:
+        """Return the rules added (see :class:`MarketSource`)."""
+        with self._lock:
+            return [_rule_dict(rule) for rule in self._rules.values()]
+
+    def add_alert_rule(self, spec: str) -> dict:
+        """Add a rule (replacing one with the same condition) and return it.
+
+        Examples
+        --------
+        >>> src = FrameSource.synthetic(["AAA"], n_bars=3)
+        >>> src.add_alert_rule("* rsi_14 > 70 on 5m")["text"]
+        '* rsi_14 > 70 on 5m'
+        >>> src.add_alert_rule("* rsi_14 >> 70")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: bad alert rule '* rsi_14 >> 70': unknown operator '>>' (expected one of ...)
+        """
+        rule = Rule.parse(spec)
+        with self._lock:
+            self._rules[rule.id] = rule
+        return _rule_dict(rule)
+
+    def remove_alert_rule(self, rule_id: str) -> bool:
+        """Remove the rule with this id (or text); return whether one was removed."""
+        with self._lock:
+            if self._rules.pop(rule_id, None) is not None:
+                return True
+        try:
+            rule_id = Rule.parse(rule_id).id
+        except ValueError:  # neither an id nor a rule's text
+            return False
+        with self._lock:
+            return self._rules.pop(rule_id, None) is not None
+
+    def fire(self, rule: str, symbol: str, at: object, value: float, threshold: float,
+             fired_at: object = None) -> None:
+        """Record that ``rule`` (an id of :meth:`alert_rules`, or a rule's text) fired on
+        ``symbol``'s bar opening ``at``, as a flow would (for tests and demos).
+
+        Examples
+        --------
+        >>> src = FrameSource.synthetic(["AAA"], n_bars=3)
+        >>> src.fire("AAA close > 10", "AAA", "2024-01-02 15:58", 10.5, 10.0)
+        >>> alert = src.fired_alerts().iloc[0]
+        >>> alert.symbol, alert.tf, float(alert.value), alert.message
+        ('AAA', '1m', 10.5, 'AAA close 10.5 > 10 (1m bar 2024-01-02T15:58:00)')
+        """
+        with self._lock:
+            known = self._rules.get(rule)
+        parsed = known or Rule.parse(rule)
+        t = pd.Timestamp(at)
+        message = (f"{symbol} {parsed.field} {value:.6g} {parsed.op} {threshold:.6g} "
+                   f"({parsed.tf} bar {t.isoformat()})")
+        fired = time.time_ns() if fired_at is None else pd.Timestamp(fired_at).value
+        alert = Alert(parsed.id, parsed.text, parsed.kind, symbol, parsed.tf, t.value,
+                      float(value), float(threshold), message, max(fired, t.value))
+        with self._lock:
+            self._fired.append(alert)
+
+    def fired_alerts(self, n: int = 500) -> pd.DataFrame:
+        """Return the latest ``n`` alerts of :meth:`fire`, newest first."""
+        with self._lock:
+            alerts = list(self._fired)[-n:][::-1] if n > 0 else []
+        frame = pd.DataFrame([{c: getattr(a, c) for c in ALERT_COLUMNS} for a in alerts],
+                             columns=list(ALERT_COLUMNS))
+        for c in ("time", "fired_at"):
+            frame[c] = pd.to_datetime(frame[c].to_numpy(np.int64).view("datetime64[ns]"))
+        return frame.astype({"value": float, "threshold": float})
+
     def set_status(self, **fields: object) -> None:
         """Update the fields reported by :meth:`status` (e.g. ``state="STALE"``)."""
         with self._lock:
@@ -490,6 +730,24 @@ class FrameSource:
         return stop
 
 
+def _rule_dict(rule: Rule) -> dict:
+    return {"id": rule.id, "text": rule.text, "kind": rule.kind, "symbol": rule.symbol,
+            "tf": rule.tf}
+
+
+def _quality_dataset(components: Mapping[str, np.ndarray], time: np.ndarray, dim: str,
+                     labels: np.ndarray) -> xr.Dataset:
+    """Return ``score`` and every component over ``time × dim`` (components not given are
+    clean), the score combined with the flow's weights, as float32 like the flow's."""
+    shape = (len(time), len(labels))
+    values = {c: np.broadcast_to(components.get(c, 100.0), shape).astype(np.float32)
+              for c in COMPONENTS}
+    score = np.clip(100.0 - sum(WEIGHTS[c] * (100.0 - values[c]) for c in COMPONENTS), 0, 100)
+    data = {"score": score.astype(np.float32), **values}
+    return xr.Dataset({k: (("time", dim), v, QUALITY_ATTRS.get(k, {})) for k, v in data.items()},
+                      coords={"time": np.asarray(time, dtype="datetime64[ns]"), dim: labels})
+
+
 _default: BarSource | None = None
 _default_lock = threading.Lock()
 
@@ -519,5 +777,6 @@ def default_source() -> BarSource:
         return _default
 
 
-__all__ = ["BAR_COLUMNS", "BREADTH_VARIABLES", "HEATMAP_COLUMNS", "SECTOR_VARIABLES", "BarSource",
-           "FrameSource", "MarketSource", "default_source", "empty_bars"]
+__all__ = ["ALERT_COLUMNS", "BAR_COLUMNS", "BREADTH_VARIABLES", "HEATMAP_COLUMNS",
+           "QUARANTINE_COLUMNS", "SECTOR_VARIABLES", "BarSource", "FrameSource", "MarketSource",
+           "default_source", "empty_bars"]

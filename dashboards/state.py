@@ -6,7 +6,8 @@ import param
 from flows.schema import TIMEFRAMES
 
 #: The app's pages, in navigation order: URL key -> label.
-PAGES: dict[str, str] = {"candles": "Candles", "market": "Market", "monitor": "Monitor"}
+PAGES: dict[str, str] = {"candles": "Candles", "market": "Market", "quality": "Quality",
+                         "monitor": "Monitor", "alerts": "Alerts"}
 
 
 class AppState(param.Parameterized):

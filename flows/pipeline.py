@@ -570,8 +570,7 @@ class Flow:
         gaps, last error): what the Quality page shows."""
         out = []
         for name, health in list(self.feeds.items()):
-            h = health()
-            d = h.to_dict() if hasattr(h, "to_dict") else dict(h)
+            d = _as_dict(health())
             d.setdefault("feed", name)
             out.append(d)
         if not out:  # the simulated market or a replay: the flow's own view of its feed
@@ -589,7 +588,12 @@ class Flow:
                 "accepted": c.accepted, "quarantined": c.quarantined_total, "duplicates": c.duplicates,
                 "quarantined_by_reason": dict(c.quarantined), "symbols": len(self.table),
                 "store": self.config.store, "last_flush": self.stats.last_flush_wall,
-                "health": self.feed_health().to_dict() if self.feed_health is not None else None}
+                "health": _as_dict(self.feed_health()) if self.feed_health is not None else None}
+
+
+def _as_dict(health) -> dict:
+    """A feed's health snapshot (a FeedHealth or a dict) as a plain dict."""
+    return health.to_dict() if hasattr(health, "to_dict") else dict(health)
 
 
 _DEFAULT: dict[str, object] = {}
