@@ -163,13 +163,20 @@ class Analytics:
                 for k, dtype in SECTOR_FIELDS.items()}
         return xr.Dataset(data, coords=_coords(times[first:], sector=names))
 
-    def take_changes(self, tf: str) -> dict[str, xr.Dataset] | None:
-        """Rows of each analytics group of ``tf`` changed since the last call, for the store."""
+    def take_since(self, tf: str) -> int | None:
+        """The earliest bar time of ``tf`` whose analytics changed since the last call (None:
+        nothing changed); the next call starts afresh."""
         since = self._changed[tf]
         if since == _NONE:
             return None
         self._changed[tf] = _NONE
-        since = max(since, self._floor.get(tf, since))
+        return max(since, self._floor.get(tf, since))
+
+    def take_changes(self, tf: str) -> dict[str, xr.Dataset] | None:
+        """Rows of each analytics group of ``tf`` changed since the last call, for the store."""
+        since = self.take_since(tf)
+        if since is None:
+            return None
         return {f"indicators/{tf}": self.indicators_dataset(tf, since),
                 f"breadth/{tf}": self.breadth_dataset(tf, since),
                 f"sectors/{tf}": self.sectors_dataset(tf, since),

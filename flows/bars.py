@@ -463,6 +463,12 @@ class BarEngine:
         df = pd.DataFrame({k: v[traded] for k, v in values.items()}, index=pd.DatetimeIndex(times.view("datetime64[ns]"), name="time"))
         return df if last is None else df.iloc[-last:]
 
+    def forget_changes(self) -> None:
+        """Mark every change as taken without building it (a flow without a store: rows
+        already taken may then be trimmed beyond ``history``)."""
+        for frame in self.frames.values():
+            frame.dirty_from = _NONE
+
     def take_changes(self, tf: str) -> xr.Dataset | None:
         """Return the bars changed since the last call (from the earliest changed row to the end)."""
         frame = self.frames[tf]

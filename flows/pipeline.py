@@ -298,8 +298,13 @@ class Flow:
     # -- persistence --------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Persist changed bars and analytics, new quarantine records and a checkpoint."""
+        """Persist changed bars and analytics, new quarantine records and a checkpoint.
+
+        Without a store it evaluates the alert rules and lets the rolling window trim (rows
+        are kept until a flush has taken them).
+        """
         if self.writer is None:
+            self._flush_in_memory()
             return
         t0 = time.perf_counter()
         fired: list[Alert] = []
@@ -311,7 +316,9 @@ class Flow:
                     changed = self.analytics.take_changes(tf) or {}
                     changes.update(changed)
                     if self.alerts is not None and changed and self.alerts.rules:
-                        fired += self._evaluate_alerts(tf, changed[f"indicators/{tf}"])
+                        since = changed[f"indicators/{tf}"]["time"].values.astype("datetime64[ns]")
+                        if len(since):
+                            fired += self._evaluate_alerts(tf, int(since.view(np.int64)[0]))
             job = FlushJob(rows={k: v for k, v in changes.items() if v is not None},
                            quarantine=Quarantine.concat(self._pending_quarantine),
                            checkpoint=self._checkpoint_state())
@@ -332,12 +339,26 @@ class Flow:
         self.stats.snapshot_ms.append((time.perf_counter() - t0) * 1000)
         self.stats.last_flush_wall = time.time()
 
-    def _evaluate_alerts(self, tf: str, changed: xr.Dataset) -> list[Alert]:
-        """Evaluate the alert rules of ``tf`` from its first changed row (logged, not yet emitted)."""
-        if not changed.sizes["time"]:
-            return []
+    def _flush_in_memory(self) -> None:
+        fired: list[Alert] = []
+        with self.lock:
+            self.engine.forget_changes()
+            self._pending_quarantine, self._pending_flags = [], []
+            if self.analytics is not None:
+                evaluate = self.alerts is not None and bool(self.alerts.rules)
+                if evaluate:
+                    self.analytics.refresh()
+                for tf in self.engine.frames:
+                    since = self.analytics.take_since(tf)
+                    if evaluate and since is not None:
+                        fired += self._evaluate_alerts(tf, since)
+        if self.alerts is not None:
+            self.alerts.emit(fired)
+        self.stats.last_flush_wall = time.time()
+
+    def _evaluate_alerts(self, tf: str, since: int) -> list[Alert]:
+        """Evaluate the alert rules of ``tf`` from bar time ``since`` (logged, not yet emitted)."""
         times, values, provisional = analytics_values(self.analytics, tf)
-        since = changed["time"].values.astype("datetime64[ns]").view(np.int64)[0]
         start = int(np.searchsorted(times, since))
         return self.alerts.evaluate(tf, times, values, self.table.names, start, provisional, emit=False)
 
@@ -354,8 +375,9 @@ class Flow:
         return arrays, meta
 
     def start_flusher(self) -> None:
-        """Persist in a background thread every ``flush_interval_s`` (off the hot path)."""
-        if self.writer is None or self._flusher is not None:
+        """Persist in a background thread every ``flush_interval_s`` (off the hot path); without
+        a store, evaluate alerts and let the window trim."""
+        if self._flusher is not None:
             return
 
         def loop() -> None:

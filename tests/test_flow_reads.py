@@ -87,23 +87,29 @@ def test_alert_rules_added_removed_and_fired():
     assert "\n" not in str(err.value) and flow.alert_rules() == []
     rule = flow.add_alert_rule("IBM close crosses_above 182.5 on 1m")
     assert flow.alert_rules() == [rule] and rule["kind"] == "cross"
+    seen = flow.taps["alerts"].sink_to_list()
     flow.push(ibm_batch(flow))
-    flow.alerts.evaluate("1m", *_values(flow))
+    flow.flush()  # without a store, flushing evaluates the rules
     fired = flow.fired_alerts()
     closes = flow.bars("1m", "IBM")["close"]
     crossings = ((closes > 182.5) & (closes.shift() <= 182.5)).sum()
     assert len(fired) == crossings > 0 and set(fired["symbol"]) == {"IBM"}
-    assert fired["time"].is_monotonic_decreasing
+    assert fired["time"].is_monotonic_decreasing and len(seen) == len(fired)
     assert flow.remove_alert_rule(rule["id"]) and flow.alert_rules() == []
     assert not flow.remove_alert_rule("no such rule")
 
 
-def _values(flow: Flow):
-    from flows.alerts import analytics_values
-
-    flow.analytics.refresh()
-    times, values, provisional = analytics_values(flow.analytics, "1m")
-    return times, values, flow.table.names, 0, provisional
+def test_a_flow_without_store_keeps_history_bars_once_flushed():
+    flow = Flow(FlowConfig(store=None, timeframes=("1m",), window=10, history=50))
+    flow.push(ibm_batch(flow))
+    frame = flow.engine.frames["1m"]
+    assert frame.n == 453  # nothing taken yet: nothing may go
+    flow.flush()
+    last = flow.bars("1m", "IBM").iloc[-1]
+    flow.push(TradeBatch.from_columns(flow.table, time=[int(last.name.value) + 60 * NS],
+                                      symbol=["IBM"], price=[183.0], size=[1.0]))
+    assert 50 <= frame.n <= 64 and flow.bars("1m", "IBM").index[-1] == last.name + pd.Timedelta("1min")
+    assert flow._pending_quarantine == []
 
 
 def test_feed_health_and_monitor_stage_figures():
