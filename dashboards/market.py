@@ -495,10 +495,13 @@ class MarketView(PeriodicRefresh, pn.viewable.Viewer):
             renderer.glyph.width = width
         if self._tf_input.value != tf:
             self._tf_input.value = tf
-        self._breadth.data = _breadth_columns(self._fetch("breadth"))
-        self._set_tiles(self._fetch("heatmap"), replace=True)
-        self._update_sectors()
-        self._update_summary()
+        # A widget's callback may run without the document lock: hold the model changes and
+        # send them together (see dashboards/alerts.py).
+        with pn.io.hold():
+            self._breadth.data = _breadth_columns(self._fetch("breadth"))
+            self._set_tiles(self._fetch("heatmap"), replace=True)
+            self._update_sectors()
+            self._update_summary()
 
     def start(self) -> None:
         """Draw at once, then refresh periodically (see :class:`PeriodicRefresh`)."""
