@@ -354,3 +354,103 @@ def test_pages_served_by_cli(chromium, start_server, tmp_path: Path) -> None:
     finally:
         page.close()
     assert_clean(seen)
+
+
+def test_quality_and_alerts_pages_served_by_cli(chromium, start_server, tmp_path: Path) -> None:
+    from dashboards.alerts import EXAMPLES
+    from dashboards.quality import SCORE_COLOR
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    port = free_port()
+    server = start_server(
+        [sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
+         "--store", str(tmp_path / "market.zarr"), "--symbols", "20", "--rate", "500",
+         "--backfill", "5"], port)
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    seen = watch_page(page)
+    try:
+        # Quality: the URL selects the page; scores, the score history and the feeds draw.
+        page.goto(server.url + "?page=quality", wait_until="load", timeout=20_000)
+        page.wait_for_function(_ROWS_JS, arg=["quality_scores", "symbol"], timeout=30_000)
+        page.wait_for_function(_ROWS_JS, arg=["quality_history", "time"], timeout=30_000)
+        page.wait_for_function(_ROWS_JS, arg=["feeds", "feed"], timeout=10_000)
+        page.wait_for_function("() => document.title === 'tapeflow · Quality'", timeout=5_000)
+        assert page.evaluate(_ROWS_JS, ["quality_scores", "symbol"]) == 20
+        assert page.locator(".slick-row").count() > 20  # the tables render their rows
+        page.wait_for_timeout(500)  # let the canvas paint
+        shot = page.screenshot(path=str(ARTIFACTS / "cli-quality.png"), full_page=True)
+        assert count_colors(shot, (SCORE_COLOR,)) > 200, "no score line painted"
+
+        # Alerts from the header: a bad rule shows its one-line reason, a good one is listed.
+        page.get_by_role("button", name="Alerts").click()
+        page.wait_for_function(_MODEL_JS, arg="alert_rules", timeout=10_000)
+        page.wait_for_function("() => location.search.includes('page=alerts')", timeout=5_000)
+        box = page.get_by_placeholder(EXAMPLES[0])
+        box.fill("* rsi_14 >> 70")
+        page.get_by_role("button", name="Add rule").click()
+        page.get_by_text("unknown operator '>>'").wait_for(timeout=5_000)
+        box.fill(EXAMPLES[0])
+        page.get_by_role("button", name="Add rule").click()
+        page.wait_for_function(_ROWS_JS, arg=["alert_rules", "id"], timeout=5_000)
+        page.get_by_text("unknown operator '>>'").wait_for(state="hidden", timeout=5_000)
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(ARTIFACTS / "cli-alerts.png"), full_page=True)
+    finally:
+        page.close()
+    assert_clean(seen)
+
+
+# -- the candles page's indicators: overlays, panes, the forming bar ---------------------------
+
+_FORMING_JS = """() => { const d = Bokeh.documents[0], c = d.get_model_by_name('candles').data;
+  const f = d.get_model_by_name('candles_forming').data, n = c.time.length;
+  return f.time.length === 2 && f.time[1] === c.time[n - 1] && Boolean(c.provisional[n - 1]); }"""
+
+
+def test_candles_indicators_served(chromium, start_server) -> None:
+    from dashboards.candles import OVERLAYS, PANES
+    from dashboards.source import FrameSource
+
+    # The indicators come from numba kernels, compiled on first use and cached on disk:
+    # compile them here rather than inside the served page's first request.
+    FrameSource.synthetic(1, n_bars=30).symbol_indicators("1m", "SYM00")
+    ARTIFACTS.mkdir(exist_ok=True)
+    port = free_port()
+    server = start_server([sys.executable, "tests/serve_fake.py", "--port", str(port)], port)
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    seen = watch_page(page)
+    rsi, bollinger = PANES["rsi"].lines[0].color, OVERLAYS["bb"].lines[0].color
+    try:
+        # The default RSI pane paints its line; the forming bar has its dashed segments.
+        page.goto(server.url, wait_until="load", timeout=20_000)
+        page.wait_for_function(_READY_JS, timeout=20_000)
+        page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('candles_rsi_pane')"
+                               ".visible", timeout=10_000)
+        page.wait_for_function(_FORMING_JS, timeout=10_000)
+        shot = b""
+        for _ in range(10):
+            page.wait_for_timeout(500)
+            shot = page.screenshot(full_page=True)
+            if count_colors(shot, [rsi]) > 200:
+                break
+        assert count_colors(shot, [rsi]) > 200, "no RSI line painted"
+
+        # Bollinger and MACD from their buttons: the band's lines and the MACD pane appear.
+        page.get_by_role("button", name="Bollinger", exact=True).click()
+        page.get_by_role("button", name="MACD", exact=True).click()
+        page.wait_for_function("() => { const d = Bokeh.documents[0];"  # the pane is new
+                               " const macd = d.get_model_by_name('candles_macd_pane');"
+                               " return macd != null && macd.visible"
+                               " && d.get_model_by_name('candles_bb_upper').visible; }",
+                               timeout=10_000)
+        for _ in range(10):
+            page.wait_for_timeout(500)
+            shot = page.screenshot(path=str(ARTIFACTS / "fake-candles-indicators.png"),
+                                   full_page=True)
+            if count_colors(shot, [bollinger]) > 300:
+                break
+        assert count_colors(shot, [bollinger]) > 300, "no Bollinger band painted"
+        page.wait_for_function(_FORMING_JS, timeout=10_000)  # still right after live ticks
+    finally:
+        page.close()
+    assert_clean(seen)

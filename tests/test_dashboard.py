@@ -104,7 +104,9 @@ def test_new_bar_is_streamed_and_followed(view: CandlesView, source: FrameSource
     source.upsert("1m", "AAA", bar(last + pd.Timedelta("1min"), 50.0, 51.0))
     assert view.refresh()
 
-    assert events == ["ColumnsStreamedEvent"] and view.price_figure.x_range is x_range
+    # The bar that was forming is patched as closed, the new one streamed.
+    assert events == ["ColumnsPatchedEvent", "ColumnsStreamedEvent"]
+    assert view.price_figure.x_range is x_range
     assert len(view.data["close"]) == 40  # rollover keeps lookback bars
     assert_shows(view, source.bars("1m", "AAA", n=40))
     assert (x_range.start, x_range.end) == (start + step, end + step)
