@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--symbols", type=int, default=20)
     args = parser.parse_args()
     source = FrameSource.synthetic(args.symbols, n_bars=120, empty=["EMPTY"])
+    source.symbol_indicators("1m", source.symbols()[0])  # load the numba kernels before serving
     source.cache = Cache(CacheConfig(max_entries=64, ttl_s=30.0))  # charted on the monitor page
     source.simulate(period=0.3, bar_every=4)
     server = serve(source, port=args.port, threaded=True)
