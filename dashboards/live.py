@@ -6,30 +6,14 @@ import panel as pn
 
 class PeriodicRefresh:
     """Mixin for a Viewer with ``refresh()`` and ``period`` (ms): one periodic callback per
-    session, started once, stopped when the session ends (or by :meth:`stop`).
-
-    In a served session the callback starts once the page has loaded (``pn.state.onload``):
-    a change sent while the browser is still building the document it pulled would be
-    applied twice (Bokeh's "Size mismatch" on streamed columns).
-    """
+    session, started once, stopped when the session ends (or by :meth:`stop`)."""
 
     _callback: pn.io.PeriodicCallback | None = None
-    _wanted: bool = False
 
     def start(self) -> None:
         """Start this view's periodic refresh (once), stopping it when the session ends."""
-        if self._callback is not None or self._wanted:
+        if self._callback is not None:
             return
-        self._wanted = True
-        doc = pn.state.curdoc
-        if doc is not None and doc.session_context is not None and not pn.state.loaded:
-            pn.state.onload(self._start_now)
-        else:
-            self._start_now()
-
-    def _start_now(self) -> None:
-        if not self._wanted or self._callback is not None:
-            return  # stopped before the page loaded, or already running
         self._callback = pn.state.add_periodic_callback(self.refresh, period=self.period)
         doc = pn.state.curdoc
         if doc is not None and doc.session_context is not None:
@@ -37,7 +21,6 @@ class PeriodicRefresh:
 
     def stop(self) -> None:
         """Stop the periodic refresh."""
-        self._wanted = False
         if self._callback is not None:
             self._callback.stop()
             self._callback = None
