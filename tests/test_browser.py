@@ -50,7 +50,7 @@ _COMPLETIONS_JS = """() => Bokeh.documents[0].all_models && [...Bokeh.documents[
 class Server:
     """A server subprocess in its own process group, ready once it prints its URL."""
 
-    def __init__(self, cmd: list[str], port: int, timeout: float = 45.0):
+    def __init__(self, cmd: list[str], port: int, timeout: float = 120.0):
         self.url = f"http://127.0.0.1:{port}/"
         self.lines: list[str] = []
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
