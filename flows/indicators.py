@@ -32,6 +32,9 @@ EMAs, Wilder averages, session sums) is snapshotted after every closed row for t
 ``max_rewind`` rows, keyed by bar time; the inputs of the window indicators live in per-symbol
 rings indexed by the symbol's bar count. Replaying from a snapshot repeats exactly the
 floating-point operations of a batch run, so incremental results equal batch results bit for bit.
+Closed rows are computed symbol by symbol; the forming row, recomputed after every batch, by a
+kernel vectorized across symbols that gathers its inputs from the committed state once per closed
+bar and repeats the same operations, so a bar gets the same bits whether forming or closed.
 """
 from __future__ import annotations
 
@@ -117,9 +120,11 @@ class IndicatorConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# numba kernel. State per symbol (float64): [n, sma totals..., emas..., then _TAIL fields].
+# numba kernels. State per symbol (float64): [n, sma totals..., emas..., then _TAIL fields].
 # Outputs per row: [smas..., emas..., rsi, macd, signal, hist, bbu, bbm, bbl, k, d, atr, adx,
-# vsma, vwap]. The arithmetic copies TA-Lib's C code operation by operation.
+# vsma, vwap]. The arithmetic copies TA-Lib's C code operation by operation. The kernels
+# allocate nothing, so they run without numba's reference counting (``_nrt=False``): with it,
+# the views of each symbol's state cost atomic increments that took half the time of a step.
 
 _TAIL = ("vol_tot", "bb_tot", "macd_fast", "macd_slow", "macd_signal", "rsi_gain", "rsi_loss",
          "atr", "adx_pdm", "adx_mdm", "adx_tr", "adx", "stoch_ktot", "stoch_dtot", "session",
@@ -154,217 +159,447 @@ def _window_sum(st, o, x, n, period, rings, kind, mask, out, k, r, s):
     return t / period
 
 
-@numba.njit(cache=True, error_model="numpy")
-def _advance(snap, init, src, base, n_commit, rings, mask, high, low, close, volume, vwap, trades,
-             session, out, row0, ip, fp, n_sym, seen, reuse):
-    """Advance every symbol's state over ``len(close)`` rows, writing outputs and snapshots.
+@numba.njit(inline="always")
+def _periods(ip, fp):
+    """The fixed periods and ``nbdev``, read once per kernel call rather than once per step."""
+    return (ip[0], ip[1], ip[2], ip[3], ip[4], ip[5], ip[6], ip[7], ip[8], ip[9], ip[10], ip[11],
+            ip[12], fp[0])
 
-    Row ``j`` leaves its state in slot ``(base + j) % cap`` when ``j < n_commit`` (closed) and
-    in the scratch slot ``cap`` otherwise (the forming bar, not committed to the rings).
-    ``seen`` holds the inputs (and fast/slow %K) of the forming bar last computed, from the same
-    committed state. ``reuse`` 1: the only row is that bar, still forming; symbols whose inputs
-    equal ``seen`` are skipped. ``reuse`` 2: the first row is that bar, now closed and
-    unchanged; it is committed from the scratch slot without recomputing.
+
+@numba.njit(inline="always")
+def _step(prev, st, s, j, commit, rings, mask, high, low, close, volume, vwap, trades, session,
+          out, r, ip, prm, work):
+    """Advance symbol ``s`` from state ``prev`` over input row ``j`` into ``st``, writing output
+    row ``r``.
+
+    A closed row (``commit``) enters the rings; the forming row leaves its fast/slow %K in
+    ``work`` for when it closes.
     """
-    cap = snap.shape[0] - 1
-    m = close.shape[0]
-    width = snap.shape[2]
-    ns, ne, prsi, mf, msl, msg, pbb, kf, ks, kd, patr, padx, pvol = ip[0], ip[1], ip[2], ip[3], ip[4], ip[5], ip[6], ip[7], ip[8], ip[9], ip[10], ip[11], ip[12]
+    for f in range(st.shape[0]):
+        st[f] = prev[f]
+    if trades[j, s] <= 0:
+        for k in range(out.shape[1]):
+            out[r, k, s] = np.nan
+        return
+    ns, ne, prsi, mf, msl, msg, pbb, kf, ks, kd, patr, padx, pvol, nbdev = prm
     oe = 1 + ns
     t0 = oe + ne
     ko = ns + ne  # first output after the averages
-    nbdev = fp[0]
+    h, lo, c, v = high[j, s], low[j, s], close[j, s], volume[j, s]
+    n = np.int64(st[0])
+    cur, pk = n & mask, (n - 1) & mask
+    pc, ph, pl = rings[_C, pk, s], rings[_H, pk, s], rings[_L, pk, s]
+    for i in range(ns):
+        _window_sum(st, 1 + i, c, n, ip[13 + i], rings, _C, mask, out, i, r, s)
+    for i in range(ne):  # EMA seeded by the SMA of its first N values
+        p, o = ip[13 + ns + i], oe + i
+        if n < p - 1:
+            st[o] += c
+            out[r, ns + i, s] = np.nan
+        else:
+            st[o] = (st[o] + c) / p if n == p - 1 else (c - st[o]) * (2.0 / (p + 1)) + st[o]
+            out[r, ns + i, s] = st[o]
+    # RSI (Wilder)
+    gain, loss = t0 + 5, t0 + 6
+    rsi = np.nan
+    if n > 0:
+        d = c - pc
+        if n > prsi:
+            st[loss] *= prsi - 1
+            st[gain] *= prsi - 1
+        if d < 0:
+            st[loss] -= d
+        else:
+            st[gain] += d
+        if n >= prsi:
+            st[loss] /= prsi
+            st[gain] /= prsi
+            t = st[gain] + st[loss]
+            rsi = 0.0 if _is_zero(t) else 100.0 * (st[gain] / t)
+    out[r, ko, s] = rsi
+    # MACD: slow EMA from the start, fast EMA seeded at slow - 1, signal EMA of the line
+    fa, sl, sg = t0 + 2, t0 + 3, t0 + 4
+    line, sig = np.nan, np.nan
+    if n >= msl - mf:
+        st[fa] = st[fa] + c if n < msl - 1 else ((st[fa] + c) / mf if n == msl - 1 else (c - st[fa]) * (2.0 / (mf + 1)) + st[fa])
+    st[sl] = st[sl] + c if n < msl - 1 else ((st[sl] + c) / msl if n == msl - 1 else (c - st[sl]) * (2.0 / (msl + 1)) + st[sl])
+    if n >= msl - 1:
+        q = n - (msl - 1)
+        x = st[fa] - st[sl]
+        if q < msg - 1:
+            st[sg] += x
+        else:
+            st[sg] = (st[sg] + x) / msg if q == msg - 1 else (x - st[sg]) * (2.0 / (msg + 1)) + st[sg]
+            line, sig = x, st[sg]
+    out[r, ko + 1, s] = line
+    out[r, ko + 2, s] = sig
+    out[r, ko + 3, s] = line - sig
+    # Bollinger bands: population deviation around the SMA, two-pass over the ring
+    # (TA-Lib 0.8 agrees to ~1e-12; a running sum of squares would drift)
+    mid = _window_sum(st, t0 + 1, c, n, pbb, rings, _C, mask, out, ko + 5, r, s)
+    if n < pbb - 1:
+        out[r, ko + 4, s] = np.nan
+        out[r, ko + 6, s] = np.nan
+    else:
+        var = 0.0
+        for q in range(n - pbb + 1, n):
+            d = rings[_C, q & mask, s] - mid
+            var += d * d
+        var = (var + (c - mid) * (c - mid)) / pbb
+        dev = np.sqrt(var) * nbdev
+        out[r, ko + 4, s] = mid + dev
+        out[r, ko + 6, s] = mid - dev
+    # Stochastic: fast %K over the ring, then two simple smoothings
+    fk, sk, sdv = np.nan, np.nan, np.nan
+    if n >= kf - 1:
+        hh, ll = h, lo
+        for q in range(n - kf + 1, n):
+            hh = max(hh, rings[_H, q & mask, s])
+            ll = min(ll, rings[_L, q & mask, s])
+        diff = (hh - ll) / 100.0
+        fk = (c - ll) / diff if diff != 0.0 else 0.0
+        q = n - (kf - 1)
+        if q < ks - 1:
+            st[t0 + 12] += fk
+        else:
+            t = st[t0 + 12] + fk
+            st[t0 + 12] = t - rings[_FK, (n - ks + 1) & mask, s]
+            sk = t / ks
+            q -= ks - 1
+            if q < kd - 1:
+                st[t0 + 13] += sk
+            else:
+                t = st[t0 + 13] + sk
+                st[t0 + 13] = t - rings[_SK, (n - kd + 1) & mask, s]
+                sdv = t / kd
+    out[r, ko + 7, s] = np.nan if np.isnan(sdv) else sk
+    out[r, ko + 8, s] = sdv
+    # ATR (Wilder) of the true range
+    atr = np.nan
+    if n > 0:
+        tr = _true_range(h, lo, pc)
+        if n < patr:
+            st[t0 + 7] += tr
+        else:
+            st[t0 + 7] = (st[t0 + 7] + tr) / patr if n == patr else (st[t0 + 7] * (patr - 1) + tr) / patr
+            atr = st[t0 + 7]
+    out[r, ko + 9, s] = atr
+    # ADX: Wilder-smoothed DM and TR, DX summed over the second period, then smoothed
+    adx = np.nan
+    if n > 0:
+        dp, dm = h - ph, pl - lo
+        pdm, mdm, atr_, ax = t0 + 8, t0 + 9, t0 + 10, t0 + 11
+        if n >= padx:
+            st[mdm] -= st[mdm] / padx
+            st[pdm] -= st[pdm] / padx
+        if dm > 0 and dp < dm:
+            st[mdm] += dm
+        elif dp > 0 and dp > dm:
+            st[pdm] += dp
+        tr = _true_range(h, lo, pc)
+        st[atr_] = st[atr_] + tr if n < padx else st[atr_] - st[atr_] / padx + tr
+        if n >= padx:
+            dx = np.nan
+            if not _is_zero(st[atr_]):
+                mdi = 100.0 * (st[mdm] / st[atr_])
+                pdi = 100.0 * (st[pdm] / st[atr_])
+                t = mdi + pdi
+                if not _is_zero(t):
+                    dx = 100.0 * (abs(mdi - pdi) / t)
+            if n < 2 * padx:
+                if not np.isnan(dx):
+                    st[ax] += dx
+                if n == 2 * padx - 1:
+                    st[ax] = st[ax] / padx
+                    adx = st[ax]
+            else:
+                if not np.isnan(dx):
+                    st[ax] = (st[ax] * (padx - 1) + dx) / padx
+                adx = st[ax]
+    out[r, ko + 10, s] = adx
+    _window_sum(st, t0, v, n, pvol, rings, _V, mask, out, ko + 11, r, s)
+    # Session VWAP
+    if st[t0 + 14] != session[j]:
+        st[t0 + 14] = session[j]
+        st[t0 + 15] = 0.0
+        st[t0 + 16] = 0.0
+    st[t0 + 15] += vwap[j, s] * v
+    st[t0 + 16] += v
+    out[r, ko + 12, s] = st[t0 + 15] / st[t0 + 16]
+    st[0] = n + 1
+    if not commit:
+        work[_W_FK, s] = fk
+        work[_W_SK, s] = sk
+    else:
+        rings[_C, cur, s] = c
+        rings[_H, cur, s] = h
+        rings[_L, cur, s] = lo
+        rings[_V, cur, s] = v
+        rings[_FK, cur, s] = fk
+        rings[_SK, cur, s] = sk
+
+
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
+def _advance(snap, init, src, base, rings, mask, high, low, close, volume, vwap, trades, session,
+             out, row0, ip, fp, n_sym, work, promote):
+    """Advance every symbol's state over the closed rows ``high .. trades``, from slot ``src``
+    (-1: ``init``), leaving row ``j``'s state in slot ``(base + j) % cap``.
+
+    ``promote``: the first row is the forming bar last computed by :func:`_forming`, closed
+    unchanged; it is committed from that computation's state instead of recomputed.
+    """
+    cap = snap.shape[0] - 1
+    width = snap.shape[2]
+    new = work[_w_state(ip) + width :]
+    prm = _periods(ip, fp)
     for s in range(n_sym):
         prev = snap[src, s] if src >= 0 else init
-        for j in range(m):
-            dst = (base + j) % cap if j < n_commit else cap
-            st = snap[dst, s]
-            if reuse == 2 and j == 0:  # the forming bar closed unchanged: promote it
-                scratch = snap[cap, s]
+        for j in range(close.shape[0]):
+            st = snap[(base + j) % cap, s]
+            if promote and j == 0:
                 for f in range(width):
-                    st[f] = scratch[f]
-                prev = st
+                    st[f] = new[f, s]
                 if trades[0, s] > 0:
                     cur = (np.int64(st[0]) - 1) & mask
                     rings[_C, cur, s] = close[0, s]
                     rings[_H, cur, s] = high[0, s]
                     rings[_L, cur, s] = low[0, s]
                     rings[_V, cur, s] = volume[0, s]
-                    rings[_FK, cur, s] = seen[6, s]
-                    rings[_SK, cur, s] = seen[7, s]
-                continue
-            if j >= n_commit:
-                if (reuse == 1 and seen[0, s] == trades[j, s] and (trades[j, s] <= 0 or (
-                        seen[1, s] == high[j, s] and seen[2, s] == low[j, s] and seen[3, s] == close[j, s]
-                        and seen[4, s] == volume[j, s] and seen[5, s] == vwap[j, s]))):
-                    continue  # forming bar unchanged since it was last computed
-                seen[0, s] = trades[j, s]
-                seen[1, s] = high[j, s]
-                seen[2, s] = low[j, s]
-                seen[3, s] = close[j, s]
-                seen[4, s] = volume[j, s]
-                seen[5, s] = vwap[j, s]
-            for f in range(width):
-                st[f] = prev[f]
+                    rings[_FK, cur, s] = work[_W_FK, s]
+                    rings[_SK, cur, s] = work[_W_SK, s]
+            else:
+                _step(prev, st, s, j, True, rings, mask, high, low, close, volume, vwap, trades,
+                      session, out, row0 + j, ip, prm, work)
             prev = st
-            r = row0 + j
-            if trades[j, s] <= 0:
-                for k in range(out.shape[1]):
-                    out[r, k, s] = np.nan
-                continue
-            commit = j < n_commit
-            h, lo, c, v = high[j, s], low[j, s], close[j, s], volume[j, s]
-            n = np.int64(st[0])
-            cur, pk = n & mask, (n - 1) & mask
-            pc, ph, pl = rings[_C, pk, s], rings[_H, pk, s], rings[_L, pk, s]
-            for i in range(ns):
-                _window_sum(st, 1 + i, c, n, ip[13 + i], rings, _C, mask, out, i, r, s)
-            for i in range(ne):  # EMA seeded by the SMA of its first N values
-                p, o = ip[13 + ns + i], oe + i
-                if n < p - 1:
-                    st[o] += c
-                    out[r, ns + i, s] = np.nan
-                else:
-                    st[o] = (st[o] + c) / p if n == p - 1 else (c - st[o]) * (2.0 / (p + 1)) + st[o]
-                    out[r, ns + i, s] = st[o]
-            # RSI (Wilder)
-            gain, loss = t0 + 5, t0 + 6
-            rsi = np.nan
-            if n > 0:
-                d = c - pc
-                if n > prsi:
-                    st[loss] *= prsi - 1
-                    st[gain] *= prsi - 1
-                if d < 0:
-                    st[loss] -= d
-                else:
-                    st[gain] += d
-                if n >= prsi:
-                    st[loss] /= prsi
-                    st[gain] /= prsi
-                    t = st[gain] + st[loss]
-                    rsi = 0.0 if _is_zero(t) else 100.0 * (st[gain] / t)
-            out[r, ko, s] = rsi
-            # MACD: slow EMA from the start, fast EMA seeded at slow - 1, signal EMA of the line
-            fa, sl, sg = t0 + 2, t0 + 3, t0 + 4
-            line, sig = np.nan, np.nan
-            if n >= msl - mf:
-                st[fa] = st[fa] + c if n < msl - 1 else ((st[fa] + c) / mf if n == msl - 1 else (c - st[fa]) * (2.0 / (mf + 1)) + st[fa])
-            st[sl] = st[sl] + c if n < msl - 1 else ((st[sl] + c) / msl if n == msl - 1 else (c - st[sl]) * (2.0 / (msl + 1)) + st[sl])
-            if n >= msl - 1:
-                q = n - (msl - 1)
-                x = st[fa] - st[sl]
-                if q < msg - 1:
-                    st[sg] += x
-                else:
-                    st[sg] = (st[sg] + x) / msg if q == msg - 1 else (x - st[sg]) * (2.0 / (msg + 1)) + st[sg]
-                    line, sig = x, st[sg]
-            out[r, ko + 1, s] = line
-            out[r, ko + 2, s] = sig
-            out[r, ko + 3, s] = line - sig
-            # Bollinger bands: population deviation around the SMA, two-pass over the ring
-            # (TA-Lib 0.8 agrees to ~1e-12; a running sum of squares would drift)
-            mid = _window_sum(st, t0 + 1, c, n, pbb, rings, _C, mask, out, ko + 5, r, s)
-            if n < pbb - 1:
-                out[r, ko + 4, s] = np.nan
-                out[r, ko + 6, s] = np.nan
-            else:
-                var = 0.0
-                for q in range(n - pbb + 1, n):
-                    d = rings[_C, q & mask, s] - mid
-                    var += d * d
-                var = (var + (c - mid) * (c - mid)) / pbb
-                dev = np.sqrt(var) * nbdev
-                out[r, ko + 4, s] = mid + dev
-                out[r, ko + 6, s] = mid - dev
-            # Stochastic: fast %K over the ring, then two simple smoothings
-            fk, sk, sdv = np.nan, np.nan, np.nan
-            if n >= kf - 1:
-                hh, ll = h, lo
-                for q in range(n - kf + 1, n):
-                    hh = max(hh, rings[_H, q & mask, s])
-                    ll = min(ll, rings[_L, q & mask, s])
-                diff = (hh - ll) / 100.0
-                fk = (c - ll) / diff if diff != 0.0 else 0.0
-                q = n - (kf - 1)
-                if q < ks - 1:
-                    st[t0 + 12] += fk
-                else:
-                    t = st[t0 + 12] + fk
-                    st[t0 + 12] = t - rings[_FK, (n - ks + 1) & mask, s]
-                    sk = t / ks
-                    q -= ks - 1
-                    if q < kd - 1:
-                        st[t0 + 13] += sk
-                    else:
-                        t = st[t0 + 13] + sk
-                        st[t0 + 13] = t - rings[_SK, (n - kd + 1) & mask, s]
-                        sdv = t / kd
-            out[r, ko + 7, s] = np.nan if np.isnan(sdv) else sk
-            out[r, ko + 8, s] = sdv
-            # ATR (Wilder) of the true range
-            atr = np.nan
-            if n > 0:
-                tr = _true_range(h, lo, pc)
-                if n < patr:
-                    st[t0 + 7] += tr
-                else:
-                    st[t0 + 7] = (st[t0 + 7] + tr) / patr if n == patr else (st[t0 + 7] * (patr - 1) + tr) / patr
-                    atr = st[t0 + 7]
-            out[r, ko + 9, s] = atr
-            # ADX: Wilder-smoothed DM and TR, DX summed over the second period, then smoothed
-            adx = np.nan
-            if n > 0:
-                dp, dm = h - ph, pl - lo
-                pdm, mdm, atr_, ax = t0 + 8, t0 + 9, t0 + 10, t0 + 11
-                if n >= padx:
-                    st[mdm] -= st[mdm] / padx
-                    st[pdm] -= st[pdm] / padx
-                if dm > 0 and dp < dm:
-                    st[mdm] += dm
-                elif dp > 0 and dp > dm:
-                    st[pdm] += dp
-                tr = _true_range(h, lo, pc)
-                st[atr_] = st[atr_] + tr if n < padx else st[atr_] - st[atr_] / padx + tr
-                if n >= padx:
-                    dx = np.nan
-                    if not _is_zero(st[atr_]):
-                        mdi = 100.0 * (st[mdm] / st[atr_])
-                        pdi = 100.0 * (st[pdm] / st[atr_])
-                        t = mdi + pdi
-                        if not _is_zero(t):
-                            dx = 100.0 * (abs(mdi - pdi) / t)
-                    if n < 2 * padx:
-                        if not np.isnan(dx):
-                            st[ax] += dx
-                        if n == 2 * padx - 1:
-                            st[ax] = st[ax] / padx
-                            adx = st[ax]
-                    else:
-                        if not np.isnan(dx):
-                            st[ax] = (st[ax] * (padx - 1) + dx) / padx
-                        adx = st[ax]
-            out[r, ko + 10, s] = adx
-            _window_sum(st, t0, v, n, pvol, rings, _V, mask, out, ko + 11, r, s)
-            # Session VWAP
-            if st[t0 + 14] != session[j]:
-                st[t0 + 14] = session[j]
-                st[t0 + 15] = 0.0
-                st[t0 + 16] = 0.0
-            st[t0 + 15] += vwap[j, s] * v
-            st[t0 + 16] += v
-            out[r, ko + 12, s] = st[t0 + 15] / st[t0 + 16]
-            st[0] = n + 1
-            if not commit:
-                seen[6, s] = fk
-                seen[7, s] = sk
-            else:
-                rings[_C, cur, s] = c
-                rings[_H, cur, s] = h
-                rings[_L, cur, s] = lo
-                rings[_V, cur, s] = v
-                rings[_FK, cur, s] = fk
-                rings[_SK, cur, s] = sk
+
+
+# The forming row. Its committed inputs -- the state after the last closed row, the previous
+# bar, the values leaving each window, the Bollinger window, the stochastic's highest high and
+# lowest low of the earlier bars -- are gathered once per committed state into rows of ``work``
+# (one row per quantity, symbols along it); each update of the forming bar is then straight-line
+# arithmetic per symbol over contiguous runs, which LLVM vectorizes. Symbols still warming up,
+# without a bar, or whose values could make the order of max/min matter (NaN, signed zeros) take
+# the general step.
+(_W_FK, _W_SK, _W_VAR, _W_OK, _W_PC, _W_PH, _W_PL, _W_VOUT, _W_FKOUT, _W_SKOUT, _W_HH, _W_LL, _W_TR,
+ _W_REDO, _W_PDM, _W_MDM, _W_ADXTR) = range(17)
+_W_SMA = 17  # then one row per SMA (the close leaving it), the Bollinger window, the two states
+
+
+@numba.njit(inline="always")
+def _w_state(ip):
+    """First ``work`` row of the committed state (then the forming state)."""
+    return _W_SMA + ip[0] + ip[6] - 1
+
+
+@numba.njit(inline="always")
+def _plain(x):
+    """Whether max/min over ``x`` and other plain values is independent of their order."""
+    return (not np.isnan(x)) & (x != 0.0)
+
+
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
+def _prepare(snap, init, src, rings, mask, ip, fp, work, n_sym):
+    """Gather the forming row's committed inputs of every symbol from slot ``src`` (-1: ``init``)."""
+    ns, ne, prsi, _, msl, msg, pbb, kf, ks, kd, patr, padx, pvol, _ = _periods(ip, fp)
+    ready = max(prsi + 1, msl + msg - 1, pbb - 1, kf + ks + kd - 3, patr + 1, 2 * padx, pvol - 1)
+    for i in range(ne):
+        ready = max(ready, ip[13 + ns + i])
+    width = snap.shape[2]
+    wb, ws = _W_SMA + ns, _w_state(ip)
+    old = work[ws : ws + width]
+    for f in range(width):
+        if src >= 0:
+            for s in range(n_sym):
+                old[f, s] = snap[src, s, f]
+        else:
+            old[f, :n_sym] = init[f]
+    # (work row, ring, lag): the ring value ``lag`` bars before the forming one
+    for w, kind, lag in ((_W_PC, _C, 1), (_W_PH, _H, 1), (_W_PL, _L, 1), (_W_VOUT, _V, pvol - 1),
+                         (_W_FKOUT, _FK, ks - 1), (_W_SKOUT, _SK, kd - 1)):
+        for s in range(n_sym):
+            work[w, s] = rings[kind, (np.int64(old[0, s]) - lag) & mask, s]
+    for i in range(ns):
+        for s in range(n_sym):
+            work[_W_SMA + i, s] = rings[_C, (np.int64(old[0, s]) - ip[13 + i] + 1) & mask, s]
+    for q in range(pbb - 1):
+        for s in range(n_sym):
+            work[wb + q, s] = rings[_C, (np.int64(old[0, s]) - pbb + 1 + q) & mask, s]
+    t0 = 1 + ns + ne
+    for s in range(n_sym):  # ADX: the decay of its Wilder sums does not depend on the new bar
+        pdm, mdm, a = old[t0 + 8, s], old[t0 + 9, s], old[t0 + 10, s]
+        work[_W_PDM, s] = pdm - pdm / padx
+        work[_W_MDM, s] = mdm - mdm / padx
+        work[_W_ADXTR, s] = a - a / padx
+    for s in range(n_sym):  # highest high / lowest low of the earlier bars in the %K window
+        n = np.int64(old[0, s])
+        hh, ll = rings[_H, (n - kf + 1) & mask, s], rings[_L, (n - kf + 1) & mask, s]
+        plain = _plain(hh) & _plain(ll)
+        for q in range(n - kf + 2, n):
+            x, y = rings[_H, q & mask, s], rings[_L, q & mask, s]
+            plain &= _plain(x) & _plain(y)
+            hh, ll = max(hh, x), min(ll, y)
+        work[_W_HH, s] = hh
+        work[_W_LL, s] = ll
+        work[_W_OK, s] = 1.0 if n >= ready and plain else 0.0
+
+
+@numba.njit(cache=True, error_model="numpy", _nrt=False)
+def _forming(snap, init, src, rings, mask, high, low, close, volume, vwap, trades, session, out,
+             r, ip, fp, n_sym, work, prepare):
+    """Compute the forming row (inputs: one-row arrays) from slot ``src`` (-1: ``init``) into
+    the forming state rows of ``work``, with the same operations as :func:`_step`.
+    ``prepare``: gather the committed inputs first.
+
+    One short loop per indicator, so that each stays within what LLVM will vectorize (a few
+    arrays, no calls); ``work`` carries what two loops share. A symbol without a bar keeps its
+    state and gets NaN.
+    """
+    if prepare:
+        _prepare(snap, init, src, rings, mask, ip, fp, work, n_sym)
+    cap = snap.shape[0] - 1
+    width = snap.shape[2]
+    ns, ne, prsi, mf, msl, msg, pbb, kf, ks, kd, patr, padx, pvol, nbdev = _periods(ip, fp)
+    oe = 1 + ns
+    t0 = oe + ne
+    ko = ns + ne
+    wb = _W_SMA + ns
+    ws = _w_state(ip)
+    old, new, o, w = work[ws : ws + width], work[ws + width : ws + 2 * width], out[r], work
+    h_, l_, c_, v_, k_ = high[0], low[0], close[0], volume[0], trades[0]
+    nan = np.nan
+    for s in range(n_sym):
+        new[0, s] = old[0, s] + 1.0 if k_[s] > 0 else old[0, s]
+    for i in range(ns):  # SMAs, warming up or not
+        p, f = ip[13 + i], 1 + i
+        for s in range(n_sym):
+            bar, warm = k_[s] > 0, old[0, s] < p - 1
+            t = old[f, s] + c_[s]
+            new[f, s] = (t if warm else t - w[_W_SMA + i, s]) if bar else old[f, s]
+            o[i, s] = t / p if bar and not warm else nan
+    # The other indicators are past their warm-up.
+    for i in range(ne):  # EMAs
+        f, alpha = oe + i, 2.0 / (ip[13 + ns + i] + 1)
+        for s in range(n_sym):
+            e = (c_[s] - old[f, s]) * alpha + old[f, s] if k_[s] > 0 else old[f, s]
+            new[f, s] = e
+            o[ns + i, s] = e if k_[s] > 0 else nan
+    for s in range(n_sym):  # RSI
+        bar, d = k_[s] > 0, c_[s] - w[_W_PC, s]
+        gain, loss = old[t0 + 5, s] * (prsi - 1), old[t0 + 6, s] * (prsi - 1)
+        loss = (loss - d if d < 0 else loss) / prsi
+        gain = (gain if d < 0 else gain + d) / prsi
+        new[t0 + 5, s] = gain if bar else old[t0 + 5, s]
+        new[t0 + 6, s] = loss if bar else old[t0 + 6, s]
+        t = gain + loss
+        o[ko, s] = (0.0 if _is_zero(t) else 100.0 * (gain / t)) if bar else nan
+    a_fast, a_slow, a_sig = 2.0 / (mf + 1), 2.0 / (msl + 1), 2.0 / (msg + 1)
+    for s in range(n_sym):  # MACD
+        bar, c, fa, sl, sg = k_[s] > 0, c_[s], old[t0 + 2, s], old[t0 + 3, s], old[t0 + 4, s]
+        fa2 = (c - fa) * a_fast + fa
+        sl2 = (c - sl) * a_slow + sl
+        x = fa2 - sl2
+        sg2 = (x - sg) * a_sig + sg
+        new[t0 + 2, s] = fa2 if bar else fa
+        new[t0 + 3, s] = sl2 if bar else sl
+        new[t0 + 4, s] = sg2 if bar else sg
+        o[ko + 1, s] = x if bar else nan
+        o[ko + 2, s] = sg2 if bar else nan
+        o[ko + 3, s] = x - sg2 if bar else nan
+    for s in range(n_sym):  # Bollinger middle, then the deviation over the window in order
+        t = old[t0 + 1, s] + c_[s]
+        new[t0 + 1, s] = t - w[wb, s] if k_[s] > 0 else old[t0 + 1, s]
+        o[ko + 5, s] = t / pbb if k_[s] > 0 else nan
+        w[_W_VAR, s] = 0.0
+    q = 0
+    while q < pbb - 1:  # four closes a pass where there are four left
+        if q + 4 <= pbb - 1:
+            for s in range(n_sym):
+                mid, var = o[ko + 5, s], w[_W_VAR, s]
+                d = w[wb + q, s] - mid
+                var += d * d
+                d = w[wb + q + 1, s] - mid
+                var += d * d
+                d = w[wb + q + 2, s] - mid
+                var += d * d
+                d = w[wb + q + 3, s] - mid
+                w[_W_VAR, s] = var + d * d
+            q += 4
+        else:
+            for s in range(n_sym):
+                d = w[wb + q, s] - o[ko + 5, s]
+                w[_W_VAR, s] += d * d
+            q += 1
+    for s in range(n_sym):
+        c, mid = c_[s], o[ko + 5, s]
+        dev = np.sqrt((w[_W_VAR, s] + (c - mid) * (c - mid)) / pbb) * nbdev
+        o[ko + 4, s] = mid + dev
+        o[ko + 6, s] = mid - dev
+    for s in range(n_sym):  # fast %K
+        hh, ll = max(h_[s], w[_W_HH, s]), min(l_[s], w[_W_LL, s])
+        diff = (hh - ll) / 100.0
+        fk = (c_[s] - ll) / diff
+        w[_W_FK, s] = fk if diff != 0.0 else 0.0
+    for s in range(n_sym):  # slow %K
+        t = old[t0 + 12, s] + w[_W_FK, s]
+        new[t0 + 12, s] = t - w[_W_FKOUT, s] if k_[s] > 0 else old[t0 + 12, s]
+        w[_W_SK, s] = t / ks
+    for s in range(n_sym):  # slow %D
+        bar, sk = k_[s] > 0, w[_W_SK, s]
+        t = old[t0 + 13, s] + sk
+        new[t0 + 13, s] = t - w[_W_SKOUT, s] if bar else old[t0 + 13, s]
+        sdv = t / kd
+        o[ko + 7, s] = sk if bar & (not np.isnan(sdv)) else nan
+        o[ko + 8, s] = sdv if bar else nan
+    for s in range(n_sym):  # ATR
+        bar, tr = k_[s] > 0, _true_range(h_[s], l_[s], w[_W_PC, s])
+        atr = (old[t0 + 7, s] * (patr - 1) + tr) / patr
+        new[t0 + 7, s] = atr if bar else old[t0 + 7, s]
+        o[ko + 9, s] = atr if bar else nan
+        w[_W_TR, s] = tr
+    for s in range(n_sym):  # ADX: directional movement
+        bar, dp, dm = k_[s] > 0, h_[s] - w[_W_PH, s], w[_W_PL, s] - l_[s]
+        pdm, mdm = w[_W_PDM, s], w[_W_MDM, s]
+        minus, plus = (dm > 0) & (dp < dm), (dp > 0) & (dp > dm)  # at most one holds
+        new[t0 + 8, s] = (pdm + dp if plus else pdm) if bar else old[t0 + 8, s]
+        new[t0 + 9, s] = (mdm + dm if minus else mdm) if bar else old[t0 + 9, s]
+    for s in range(n_sym):  # ADX: its true range, DX and average
+        bar, a, ax = k_[s] > 0, old[t0 + 10, s], old[t0 + 11, s]
+        a2 = w[_W_ADXTR, s] + w[_W_TR, s]
+        mdi = 100.0 * (new[t0 + 9, s] / a2)
+        pdi = 100.0 * (new[t0 + 8, s] / a2)
+        t = mdi + pdi
+        dx = 100.0 * (abs(mdi - pdi) / t)
+        ax2 = ax if _is_zero(a2) or _is_zero(t) else (ax * (padx - 1) + dx) / padx
+        new[t0 + 10, s] = a2 if bar else a
+        new[t0 + 11, s] = ax2 if bar else ax
+        o[ko + 10, s] = ax2 if bar else nan
+    for s in range(n_sym):  # volume SMA
+        t = old[t0, s] + v_[s]
+        new[t0, s] = t - w[_W_VOUT, s] if k_[s] > 0 else old[t0, s]
+        o[ko + 11, s] = t / pvol if k_[s] > 0 else nan
+    day = session[0]
+    for s in range(n_sym):  # session VWAP
+        same = old[t0 + 14, s] == day or k_[s] <= 0
+        pv = (old[t0 + 15, s] if same else 0.0) + vwap[0, s] * v_[s]
+        vv = (old[t0 + 16, s] if same else 0.0) + v_[s]
+        new[t0 + 14, s] = old[t0 + 14, s] if same else day
+        new[t0 + 15, s] = pv if k_[s] > 0 else old[t0 + 15, s]
+        new[t0 + 16, s] = vv if k_[s] > 0 else old[t0 + 16, s]
+        o[ko + 12, s] = pv / vv if k_[s] > 0 else nan
+    redo = 0
+    for s in range(n_sym):  # symbols with a bar still warming up, or with NaN/zero highs or lows
+        again = k_[s] > 0 and not (w[_W_OK, s] != 0.0 and _plain(h_[s]) & _plain(l_[s]))
+        w[_W_REDO, s] = 1.0 if again else 0.0
+        redo += again
+    if redo:  # ... are redone by the general step
+        prm = (ns, ne, prsi, mf, msl, msg, pbb, kf, ks, kd, patr, padx, pvol, nbdev)
+        for s in range(n_sym):
+            if w[_W_REDO, s] != 0.0:
+                st = snap[cap, s]
+                _step(snap[src, s] if src >= 0 else init, st, s, 0, False, rings, mask, high, low,
+                      close, volume, vwap, trades, session, out, r, ip, prm, work)
+                for f in range(width):
+                    new[f, s] = st[f]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,6 +643,7 @@ class IndicatorEngine:
         self._init[1 + len(self.config.sma) + len(self.config.ema) + _TAIL.index("session")] = -np.inf
         self._cap = self.config.max_rewind
         self._tz = None if self.config.session_tz is None else zoneinfo.ZoneInfo(self.config.session_tz)
+        self._work_rows = _W_SMA + len(self.config.sma) + self.config.bbands[0] - 1 + 2 * self._width
         #: first row whose outputs changed in the last :meth:`update`.
         self.changed_from = 0
         self._alloc(rows=16, n_sym=1)
@@ -427,10 +663,17 @@ class IndicatorEngine:
         self._times = np.zeros(rows, dtype=np.int64)
         self._r0 = self._rows = 0
         self._forming = False
-        # Inputs of the last computed forming bar, and (bar time, state generation, buffer row)
-        # telling whether that computation can be reused.
-        self._seen = np.full((8, n_sym), -1.0)
-        self._seen_key: tuple | None = None
+        # The forming row's inputs gathered from the committed state, its own state, and scratch
+        # (see _forming); _work_key: the (state generation, slot, symbols) gathered for.
+        self._work = np.zeros((self._work_rows, n_sym))
+        self._work_key: tuple | None = None
+        # (bar time, state generation, buffer row, symbols) of the forming row last computed:
+        # when that bar closes unchanged, its state is committed as computed.
+        self._forming_key: tuple | None = None
+        self._forming_session: tuple = (None, None)  # (bar time, session number)
+        # (first bar time, last closed bar time, rows, symbols) after an update with a forming
+        # row: while these stay the same, an update recomputes that row alone.
+        self._settled: tuple | None = None
         self._gen = 0
 
     def _grow_symbols(self, n_sym: int) -> None:
@@ -443,9 +686,9 @@ class IndicatorEngine:
         rings[:, :, :old] = self._rings
         out = np.full((self._out.shape[0], self._out.shape[1], new), np.nan)
         out[:, :, :old] = self._out
-        seen = np.full((8, new), -1.0)
-        seen[:, :old] = self._seen
-        self._snap, self._rings, self._out, self._seen = snap, rings, out, seen
+        work = np.zeros((self._work_rows, new))
+        work[:, :old] = self._work
+        self._snap, self._rings, self._out, self._work = snap, rings, out, work
 
     def _make_room(self, keep: int, rows: int) -> None:
         """Ensure rows ``r0 .. r0 + rows`` fit, keeping the first ``keep`` of the current rows."""
@@ -455,7 +698,7 @@ class IndicatorEngine:
         out = self._out if cap == len(self._out) else np.full((cap,) + self._out.shape[1:], np.nan)
         times = self._times if cap == len(self._times) else np.zeros(cap, dtype=np.int64)
         r0 = self._r0
-        self._seen_key = None  # the forming row's outputs are not carried over
+        self._forming_key = None  # the forming row's outputs are not carried over
         out[:keep] = self._out[r0 : r0 + keep]
         times[:keep] = self._times[r0 : r0 + keep]
         self._out, self._times, self._r0 = out, times, 0
@@ -495,9 +738,18 @@ class IndicatorEngine:
             When ``start`` reaches back beyond the ``max_rewind`` closed rows kept, or the rows
             before ``start`` are not the rows seen before.
         """
-        times = np.asarray(times).view(np.int64)
+        times = np.asarray(times)
+        if times.dtype != np.int64:
+            times = times.view(np.int64)
         close = fields["close"]
         n_rows, n_sym = close.shape
+        if (forming and start >= n_rows - 1 and n_rows > 1
+                and self._settled == (times.item(0), times.item(n_rows - 2), n_rows, n_sym)):
+            # Only the forming bar changed, as after most batches: recompute it alone.
+            self._compute_forming(times, fields, (self._head + self._count - 1) % self._cap)
+            self.changed_from = n_rows - 1
+            return
+        self._settled = None
         if n_sym < self._n_sym:
             raise ValueError(f"symbols cannot be removed ({self._n_sym} -> {n_sym})")
         # Align with the rows seen last time: drop the ones trimmed from the front.
@@ -517,24 +769,42 @@ class IndicatorEngine:
         self._make_room(begin, n_rows)
         m = n_rows - begin
         n_commit = m - 1 if forming and m else m
-        reuse = 0
-        if self._seen_key == (int(times[begin]) if m else None, self._gen, self._r0 + begin):
-            reuse = 1 if m == 1 and forming else (2 if start > begin and n_commit else 0)
-        self._seen_key = None
-        if m:
-            rows = slice(begin, n_rows)
-            _advance(self._snap, self._init, src, self._head + self._count, n_commit, self._rings,
+        key = (times.item(begin), self._gen, self._r0 + begin, n_sym) if n_commit else None
+        promote = bool(n_commit and start > begin and self._forming_key == key)
+        self._forming_key = None
+        if n_commit:
+            rows = slice(begin, begin + n_commit)
+            _advance(self._snap, self._init, src, self._head + self._count, self._rings,
                      self._ring_len - 1, fields["high"][rows], fields["low"][rows], close[rows],
                      fields["volume"][rows], fields["vwap"][rows], fields["trades"][rows],
                      self._sessions(times[rows]), self._out, self._r0 + begin, self._ip, self._fp,
-                     n_sym, self._seen, reuse)
-            self._times[self._r0 + begin : self._r0 + n_rows] = times[rows]
-            self._commit(times[begin : begin + n_commit])
-            if n_commit < m:
-                self._seen_key = (int(times[-1]), self._gen, self._r0 + n_rows - 1)
+                     n_sym, self._work, promote)
+            self._times[self._r0 + begin : self._r0 + begin + n_commit] = times[rows]
+            self._commit(times[rows])
+            src = (self._head + self._count - 1) % self._cap
+        if n_commit < m:
+            self._compute_forming(times, fields, src)
         self._rows = n_rows
         self._forming = bool(forming and n_rows)
         self.changed_from = begin
+        if forming and n_rows > 1:
+            self._settled = (times.item(0), times.item(n_rows - 2), n_rows, n_sym)
+
+    def _compute_forming(self, times: np.ndarray, fields: dict[str, np.ndarray], src: int) -> None:
+        """Compute the last row, the forming bar, from state slot ``src`` without committing it."""
+        row, r = len(times) - 1, self._r0 + len(times) - 1
+        t = times.item(row)
+        if self._forming_session[0] != t:
+            self._forming_session = (t, self._sessions(times[row:]))
+        work_key = (self._gen, src, self._n_sym)
+        rows = slice(row, row + 1)
+        _forming(self._snap, self._init, src, self._rings, self._ring_len - 1, fields["high"][rows],
+                 fields["low"][rows], fields["close"][rows], fields["volume"][rows],
+                 fields["vwap"][rows], fields["trades"][rows], self._forming_session[1], self._out,
+                 r, self._ip, self._fp, self._n_sym, self._work, work_key != self._work_key)
+        self._work_key = work_key
+        self._times[r] = t
+        self._forming_key = (t, self._gen, r, self._n_sym)
 
     def _rewind(self, times: np.ndarray, begin: int) -> int:
         """Drop the snapshots of rows from ``begin`` on; return the slot to resume from (-1: none)."""

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import talib
 
-from flows.indicators import IndicatorConfig, IndicatorEngine
+from flows.indicators import _W_OK, IndicatorConfig, IndicatorEngine
 
 DATA = Path(__file__).parent / "data" / "sp500_daily_ohlcv_2017-10-16_2018-02-07.csv"
 FIELDS = ("open", "high", "low", "close", "volume", "vwap")
@@ -258,6 +258,60 @@ def test_symbols_appended_between_updates(holed):
     for r in range(len(times)):
         engine.update(times[: r + 1], rows(fields, r + 1, n_sym=40 if r < 30 else 60), start=r, forming=True)
     assert_outputs_equal(engine.outputs(), batch(times, fields, forming=True))
+
+
+#: Short periods, so that most of the 79 sessions are past every warm-up.
+SHORT = IndicatorConfig(sma=(5, 10, 30), ema=(5, 10, 20), rsi=5, macd=(4, 9, 3), bbands=(10, 2.0),
+                        stoch=(5, 3, 3), atr=5, adx=5, volume_sma=10)
+
+
+def growing_bar(fields, r, rng, k=4):
+    """Yield row ``r`` of ``fields`` (modified in place) as its trades arrive, ending with the
+    real bar: each stock's first trade comes at a random step; until the last step its bar is
+    partial (close within the final range, part of the volume), with now and then a zero low."""
+    final = {key: v[r].copy() for key, v in fields.items()}
+    first = rng.integers(0, k, len(final["close"]))
+    for step in range(k - 1):
+        part = (step + 1) / k
+        close = final["low"] + rng.random(len(first)) * (final["high"] - final["low"])
+        fields["close"][r] = close
+        fields["high"][r] = np.maximum(final["open"], close)
+        fields["low"][r] = np.where(rng.random(len(first)) < 0.01, 0.0, np.minimum(final["open"], close))
+        fields["volume"][r] = final["volume"] * part
+        fields["vwap"][r] = (fields["high"][r] + fields["low"][r] + close) / 3
+        fields["trades"][r] = np.maximum(1, final["trades"])
+        absent = (first > step) | (final["trades"] == 0)
+        for key in FIELDS:
+            fields[key][r, absent] = 0.0 if key == "volume" else np.nan
+        fields["trades"][r, absent] = 0
+        yield
+    for key, v in final.items():
+        fields[key][r] = v
+    yield
+
+
+@pytest.mark.parametrize("config", [None, SHORT], ids=["default", "short"])
+def test_the_forming_row_fast_path_equals_the_general_path(config):
+    # Arrange: every stock, with holes. The forming row goes through the kernel vectorized across
+    # symbols; ``general`` gets the same rows closed, so it computes each one symbol by symbol.
+    times, fields = sp500()
+    fields = punch_holes(fields, 0.08, seed=9)
+    rng = np.random.default_rng(1)
+    fast, general = IndicatorEngine(config), IndicatorEngine(config)
+    for r in range(len(times)):
+        for _ in growing_bar(fields, r, rng):
+            # Act
+            fast.update(times[: r + 1], rows(fields, r + 1), start=r, forming=True)
+            general.update(times[: r + 1], rows(fields, r + 1), start=r, forming=False)
+            # Assert: the same bits, the forming row included
+            got, want = fast.outputs(), general.outputs()
+            for name in fast.names:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} row {r}")
+    fast.update(times, fields, start=len(times), forming=False)  # the last bar closes unchanged
+    for key, value in general.state().items():
+        np.testing.assert_array_equal(fast.state()[key], value, err_msg=key)
+    # most stocks went through the vectorized kernel, not its per-symbol fallback
+    assert (fast._work[_W_OK, : fields["close"].shape[1]] == 1.0).mean() > 0.9
 
 
 def test_state_restore_resumes_exactly(holed):
