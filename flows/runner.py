@@ -6,15 +6,16 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 import numpy as np
 
 from flows.feeds import FeedError
 from flows.pipeline import Flow
-from flows.schema import TradeBatch
+from flows.schema import BarBatch, TradeBatch
 
 
 def start_simulated(flow: Flow, n_symbols: int = 100, rate: float = 2000.0, seed: int = 0,
@@ -139,9 +140,10 @@ class ReplaySummary:
 class Progress:
     """One status line on a terminal (rewritten in place), or a line every few seconds otherwise."""
 
-    def __init__(self, out: TextIO = sys.stderr, every_s: float = 1.0):
-        self.out, self.every_s = out, every_s
-        self.tty = out.isatty()
+    def __init__(self, out: TextIO | None = None, every_s: float = 1.0):
+        self.out = out if out is not None else sys.stderr  # the stream of the moment, not of import
+        self.every_s = every_s
+        self.tty = self.out.isatty()
         self._last = 0.0
         if not self.tty:
             self.every_s = max(every_s, 5.0)
@@ -197,8 +199,8 @@ def replay_files(flow: Flow, paths: list[str], fmt: str | None = None, time_unit
                     raise FeedError(f"{name}: the store's checkpoint does not match this file's "
                                     "batches; replay into a fresh store (--fresh)")
                 continue
-            if bars is not None:
-                flow.push_bars(bars, batch, unparsed, source=key, rows=rows)
+            if isinstance(batch, BarBatch):  # bar files, or a venue's minute bars (Polygon AM)
+                flow.push_bars(bars or "1m", batch, unparsed, source=key, rows=rows)
             else:
                 flow.push(batch, unparsed, source=key, rows=rows)
             if time.monotonic() >= next_flush:  # persist as we go: memory stays bounded

@@ -2,24 +2,28 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
 
-from tests.oracle import accepted_trades, adversarial_trades, assert_bars_equal, dataset_to_frame, pandas_bars
+from tests.oracle import (
+    accepted_trades,
+    adversarial_trades,
+    assert_bars_equal,
+    dataset_to_frame,
+    pandas_bars,
+)
 
 DATA = Path(__file__).parent / "data"
 
 
 def tapeflow(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+                          timeout=timeout, cwd=cwd, check=False)
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -178,3 +182,43 @@ def test_venue_feed_needs_symbols(tmp_path):
                                    "--store", str(tmp_path / "s.zarr")))
     assert "give binance symbols" in line
     assert not (tmp_path / "s.zarr").exists()  # refused before anything was created
+
+
+def test_help_lists_record_and_the_venue_feeds():
+    assert "record" in tapeflow("--help").stdout
+    run = tapeflow("run", "--help").stdout
+    for word in ("--config", "coinbase", "polygon", "psx", "--interval"):
+        assert word in run
+    record = tapeflow("record", "--help")
+    assert record.returncode == 0 and "--output" in record.stdout and "--frames" in record.stdout
+    assert "coinbase" in tapeflow("replay", "--help").stdout
+
+
+def test_record_and_feed_mistakes_are_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "POLYGON_API_KEY"}
+    assert "required: -o/--output" in one_line_error(tapeflow("record", "--feed", "binance", "--symbols", "btcusdt"))
+    assert "no such file" in one_line_error(tapeflow("run", "--config", str(tmp_path / "f.yaml")))
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--feed", "polygon", "--symbols", "AAPL",
+                           "--store", str(tmp_path / "p.zarr")], capture_output=True, text=True, env=env,
+                          check=False)
+    assert "polygon: no API key; set POLYGON_API_KEY" in one_line_error(proc)
+    assert not (tmp_path / "p.zarr").exists()
+
+
+@pytest.mark.slow
+def test_record_then_replay_with_the_installed_command(tmp_path):
+    # `tapeflow record` from a loopback server replaying a real capture, then `tapeflow replay`
+    # of the file: the same trades as a replay of the capture itself.
+    from tests.wsserver import WsServer, capture_frames
+
+    src = DATA / "binance_spot_ws_combined_2021-08-14T1446Z.jsonl"
+    frames = capture_frames(src)
+    out = tmp_path / "rec.jsonl"
+    with WsServer(frames) as server:
+        proc = tapeflow("record", "--feed", "binance", "--symbols", "ftmusdt,sxpbtc,badgerbtc,xmrbtc",
+                        "--url", server.url, "-o", str(out), "--frames", str(len(frames)), "--duration", "30")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"recorded {len(frames):,} frames") and "28 trades" in proc.stdout
+    replay = tapeflow("replay", str(out), "--store", str(tmp_path / "r.zarr"), "--no-analytics")
+    assert replay.returncode == 0, replay.stderr
+    assert "received                 28" in replay.stdout and "reconciles   yes" in replay.stdout

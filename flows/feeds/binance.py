@@ -33,6 +33,11 @@ from flows.feeds import FeedError
 from flows.feeds.connection import ConnectionConfig, Sink, WebsocketFeed
 from flows.schema import BUY, NS, SELL, Quarantine, SymbolTable, TradeBatch
 
+try:
+    import orjson as _orjson
+except ImportError:  # optional: json does the same, slower
+    _orjson = None
+
 __all__ = ["ENDPOINTS", "BinanceFeed", "parse_agg_trade", "parse_kline", "parse_trade",
            "start_binance", "stream_names"]
 
@@ -163,15 +168,62 @@ def parse_kline(data: dict, recv_ts: float) -> dict:
 
 
 def rows_to_batch(rows: Sequence[tuple], symbols: SymbolTable) -> TradeBatch:
-    """Turn parser rows into one TradeBatch (``count = l - f + 1``)."""
+    """Turn parser rows into one TradeBatch (``count = l - f + 1``).
+
+    Examples
+    --------
+    >>> row = ('YFIUSDT', 1618677448084000000, 49966.7, 0.001, 52599685, 1, 7, 64902163, 64902165)
+    >>> table = SymbolTable()
+    >>> one, two = rows_to_batch([row], table), rows_to_batch([row, row], table)
+    >>> one.trade_id.tolist(), one.count.tolist(), one.count.dtype.name
+    ([52599685], [3], 'int32')
+    >>> all(np.array_equal(getattr(one, c), getattr(two, c)[:1]) and
+    ...     getattr(one, c).dtype == getattr(two, c).dtype for c in TradeBatch.COLUMNS)
+    True
+    """
     if not rows:
         return TradeBatch()
+    if len(rows) == 1:
+        batch = _one_row(rows[0], symbols)
+        if batch is not None:
+            return batch
     cols = list(zip(*rows))
     count = np.asarray(cols[8], dtype=np.int64) - np.asarray(cols[7], dtype=np.int64) + 1
     return TradeBatch.from_columns(symbols, symbol=cols[0], time=cols[1], price=cols[2],
                                    size=cols[3], trade_id=cols[4], side=cols[5],
                                    recv_time=cols[6],
                                    count=np.clip(count, 1, np.iinfo(np.int32).max))
+
+
+_MAX_COUNT = int(np.iinfo(np.int32).max)
+
+
+def _one_row(row: tuple, symbols: SymbolTable) -> TradeBatch | None:
+    """A parser row as a one-row TradeBatch, built directly: a live feed makes one per frame,
+    and :meth:`TradeBatch.from_columns` costs several times more for a single row. None when
+    ``count`` would need :func:`rows_to_batch`'s clipping (it then takes the general path)."""
+    symbol, t, price, size, trade_id, side, recv, first, last = row
+    count = last - first + 1
+    if not 1 <= count <= _MAX_COUNT:
+        return None
+    return TradeBatch(time=np.array([t], np.int64), symbol=np.array([symbols.code(symbol)], np.int32),
+                      price=np.array([price], np.float64), size=np.array([size], np.float64),
+                      trade_id=np.array([trade_id], np.int64), side=np.array([side], np.int8),
+                      recv_time=np.array([recv], np.int64), count=np.array([count], np.int32))
+
+
+def _loads(message: str | bytes):
+    """``json.loads``, by orjson when it is installed (about twice as fast on a frame).
+
+    Whatever orjson refuses -- NaN literals, integers beyond 64 bits, lone surrogates -- is
+    decoded by ``json.loads`` again, so the result (or the error) is always json's.
+    """
+    if _orjson is not None:
+        try:
+            return _orjson.loads(message)
+        except _orjson.JSONDecodeError:
+            pass
+    return json.loads(message)
 
 
 # --------------------------------------------------------------------------- the live feed
@@ -278,7 +330,7 @@ class BinanceFeed(WebsocketFeed):
         (0, {'malformed': 1}, '{"stream":"ftmusdt@agg')
         """
         try:
-            frame = json.loads(message)
+            frame = _loads(message)
         except (ValueError, RecursionError):  # includes invalid UTF-8 in a binary frame
             return TradeBatch(), _bad(message, "malformed")
         if not isinstance(frame, dict):
@@ -289,7 +341,7 @@ class BinanceFeed(WebsocketFeed):
             self.tracker.ignored("response")
             return TradeBatch(), Quarantine()
         kind = stream_kind(frame)
-        data = frame["data"] if "data" in frame else frame
+        data = frame.get("data", frame)
         try:
             if not isinstance(data, dict):
                 raise TypeError("data is not an object")

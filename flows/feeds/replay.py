@@ -1,4 +1,4 @@
-"""Recorded trades -- CSV, Parquet and Binance websocket captures -- replayed as TradeBatch.
+"""Recorded trades -- CSV, Parquet and venue websocket captures -- replayed as TradeBatch.
 
 :func:`read_trades` streams one file as ``(TradeBatch, Quarantine)`` pairs, chunk by chunk, so a
 10M-row file never sits in memory at once. Rows that cannot be parsed are not dropped and do not
@@ -6,6 +6,13 @@ raise: they come back as quarantine records with a reason, so that
 ``rows read = trades + quarantined`` for every file. Value checks (negative price, zero size,
 time in the future) are left to :mod:`flows.validate`. :class:`Replayer` chains files for the CLI,
 at full speed or paced by event time. Every user mistake raises :class:`~flows.feeds.FeedError`.
+
+Websocket captures (``.jsonl``: ``{"recv_ts": <unix s>, "frame": <frame as received>}`` a line,
+as ``tapeflow record`` writes them after a header line naming the venue) are parsed by the venue's
+own parser: Binance aggTrade/trade frames, Coinbase ``matches``
+(:class:`~flows.feeds.coinbase.CoinbaseParser`), Polygon ``T`` trades and ``AM`` minute bars
+(:class:`~flows.feeds.polygon.PolygonParser`; the bars come as :class:`BarBatch`). The venue is
+read from the header, or from the shape of the first frames (:func:`~flows.feeds.record.sniff_venue`).
 
 Trade columns (DESIGN section 3): ``time, symbol, price, size`` and optionally
 ``trade_id, side, recv_time``; header names are matched case-insensitively.
@@ -19,14 +26,13 @@ else nanoseconds -- unambiguous for any date between 1973 and 5138.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import time as _time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,9 +47,11 @@ from flows.feeds.binance import (
     KLINE_COLUMNS,
     parse_agg_trade,
     parse_kline,
+    parse_trade,
     rows_to_batch,
     stream_kind,
 )
+from flows.feeds.record import VENUES, RawFrame, capture_records, sniff_venue
 from flows.schema import (
     BUY,
     NO_ID,
@@ -59,8 +67,8 @@ from flows.schema import (
 __all__ = ["FORMATS", "TIME_UNITS", "BinanceCapture", "Replayer", "infer_time_unit",
            "read_binance_capture", "read_trades"]
 
-#: Formats :func:`read_trades` understands.
-FORMATS = ("csv", "parquet", "binance")
+#: Formats :func:`read_trades` understands (``record``: a ``tapeflow record`` file, any venue).
+FORMATS = ("csv", "parquet", "binance", "coinbase", "polygon", "record")
 #: Epoch time units and their length in ns.
 TIME_UNITS: dict[str, int] = {"s": NS, "ms": 1_000_000, "us": 1_000, "ns": 1}
 
@@ -70,7 +78,7 @@ OPTIONAL = ("trade_id", "side", "recv_time")
 BAR_REQUIRED = ("time", "symbol", "open", "high", "low", "close", "volume")
 BAR_OPTIONAL = ("trades", "vwap")
 ALIASES = {"time": ("date", "timestamp", "datetime"), "symbol": ("name", "ticker")}
-_EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "binance"}
+_EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl"}
 _CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 _NUMBER_OR_NAN = r"(?i)^[+-]?((\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|nan|inf|infinity)$"
@@ -117,16 +125,38 @@ def _codec(p: Path) -> str | None:
 
 
 def _resolve_format(p: Path, format: str | None) -> str:
+    """The reader for ``p``: ``csv``, ``parquet`` or a venue (binance, coinbase, polygon)."""
     if format is not None:
         fmt = format.strip().lower()
         if fmt not in FORMATS:
             raise FeedError(f"{p.name}: unknown format {format!r} (choose {', '.join(FORMATS)})")
+        if fmt in ("csv", "parquet"):
+            return fmt
+    else:
+        suffix = Path(p.stem).suffix.lower() if _codec(p) else p.suffix.lower()
+        if suffix not in _EXTENSIONS:
+            raise FeedError(f"{p.name}: cannot tell the format from the extension {suffix!r}; "
+                            f"pass a format ({', '.join(FORMATS)})")
+        fmt = _EXTENSIONS[suffix]
+        if fmt != "jsonl":
+            return fmt
+    if _codec(p):
+        raise FeedError(f"{p.name}: compressed captures are not supported; unpack it")
+    venue, header = sniff_venue(p)
+    if header is not None and venue not in VENUES:
+        raise FeedError(f"{p.name}: recorded from unknown venue {venue!r} "
+                        f"(this tapeflow replays {', '.join(VENUES)})")
+    if fmt == "record":
+        if header is None:
+            raise FeedError(f"{p.name}: no tapeflow record header line; pass the venue as the "
+                            f"format ({', '.join(VENUES)})")
+        return str(venue)
+    if fmt in VENUES:
+        if header is not None and venue != fmt:
+            raise FeedError(f"{p.name}: recorded from {venue}, not {fmt}; drop --format or "
+                            f"pass --format {venue}")
         return fmt
-    suffix = Path(p.stem).suffix.lower() if _codec(p) else p.suffix.lower()
-    if suffix not in _EXTENSIONS:
-        raise FeedError(f"{p.name}: cannot tell the format from the extension {suffix!r}; "
-                        f"pass a format ({', '.join(FORMATS)})")
-    return _EXTENSIONS[suffix]
+    return venue or "binance"  # a capture with no telling frame yet: the original format
 
 
 def _check_time_unit(time_unit: str | None) -> str | None:
@@ -495,59 +525,124 @@ def _parquet_chunks(p: Path, pf: pq.ParquetFile, names: dict[str, str], symbols:
         raise FeedError(f"{p.name}: cannot read as Parquet: {exc}") from None
 
 
-# --------------------------------------------------------------------------- Binance captures
+# --------------------------------------------------------------------------- websocket captures
 
-def _binance_lines(p: Path) -> Iterator[tuple[int, bytes, dict | None, float]]:
-    """Yield ``(bytes so far, raw line, frame or None when malformed, recv_ts)`` per line."""
-    pos = 0
-    with open(p, "rb") as f:
-        for line in f:
-            pos += len(line)
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                frame, recv_ts = rec["frame"], float(rec["recv_ts"])
-                if not isinstance(frame, dict):
-                    raise TypeError("frame is not an object")
-            except (ValueError, KeyError, TypeError):
-                yield pos, line, None, math.nan
-                continue
-            yield pos, line, frame, recv_ts
+def _bad_line(line: bytes, frame, reason: str = "malformed") -> Quarantine:
+    """A quarantine record for a capture line: a raw frame's own text, else the line."""
+    text = str(frame) if isinstance(frame, RawFrame) else line.decode("utf-8", "replace").strip()
+    return Quarantine.malformed([text], reason)
 
 
 def _iter_binance(p: Path, symbols: SymbolTable, batch_rows: int, ignored: Counter
                   ) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
     rows: list[tuple] = []
-    bad: list[tuple[bytes, str]] = []
+    bad: list[Quarantine] = []
     pos = 0
 
     def flush() -> tuple[TradeBatch, Quarantine, int]:
         batch = rows_to_batch(rows, symbols) if rows else TradeBatch()
-        quarantine = Quarantine.concat(
-            [Quarantine.malformed([r.decode("utf-8", "replace").strip()], why)
-             for r, why in bad])
+        quarantine = Quarantine.concat(bad)
         rows.clear()
         bad.clear()
         return batch, quarantine, pos
 
-    for pos, line, frame, recv_ts in _binance_lines(p):
-        if frame is None:
-            bad.append((line, "malformed"))
-        elif stream_kind(frame) != "aggTrade":
-            ignored[stream_kind(frame)] += 1
+    for pos, line, frame, recv_ts in capture_records(p):
+        if not isinstance(frame, dict):
+            bad.append(_bad_line(line, frame))
+        elif (kind := stream_kind(frame)) not in ("aggTrade", "trade"):
+            ignored[kind] += 1
         else:
             try:
-                data = frame["data"] if "data" in frame else frame
-                rows.append(parse_agg_trade(data, round(recv_ts * NS)))
+                data = frame.get("data", frame)
+                parse = parse_agg_trade if kind == "aggTrade" else parse_trade
+                rows.append(parse(data, round(recv_ts * NS)))
             except KeyError:
-                bad.append((line, "missing_field"))
+                bad.append(_bad_line(line, frame, "missing_field"))
             except (ValueError, TypeError, OverflowError):
-                bad.append((line, "malformed"))
+                bad.append(_bad_line(line, frame))
         if len(rows) + len(bad) >= batch_rows:
             yield flush()
     if rows or bad:
         yield flush()
+
+
+def _recv_ns(recv_ts: float) -> int:
+    return round(recv_ts * NS) if math.isfinite(recv_ts) else 0
+
+
+def _iter_coinbase(p: Path, symbols: SymbolTable, batch_rows: int, ignored: Counter
+                   ) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
+    """A Coinbase ``matches`` capture, each frame through :class:`CoinbaseParser` as live."""
+    from flows.feeds.coinbase import CoinbaseParser
+
+    parser = CoinbaseParser(symbols)
+    trades: list[TradeBatch] = []
+    bad: list[Quarantine] = []
+    rows = pos = 0
+    for pos, line, frame, recv_ts in capture_records(p):
+        if frame is None:
+            bad.append(_bad_line(line, frame))
+            rows += 1
+        else:
+            batch, quarantine, info = parser.parse(frame, _recv_ns(recv_ts))
+            ignored.update(info.get("ignored", {}))
+            trades.append(batch)
+            bad.append(quarantine)
+            rows += len(batch) + len(quarantine)
+        if rows >= batch_rows:
+            yield TradeBatch.concat(trades), Quarantine.concat(bad), pos
+            trades, bad, rows = [], [], 0
+    if rows:
+        yield TradeBatch.concat(trades), Quarantine.concat(bad), pos
+
+
+def _iter_polygon(p: Path, symbols: SymbolTable, batch_rows: int, ignored: Counter
+                  ) -> Iterator[tuple[TradeBatch | BarBatch, Quarantine, int]]:
+    """A Polygon capture through :class:`PolygonParser`: trades, and ``AM`` minute aggregates
+    as :class:`BarBatch` (in file order: pending trades are yielded before a frame's bars).
+
+    As the live :class:`~flows.feeds.polygon.PolygonFeed` does, an ``AM`` bar of a minute in
+    which trades of its symbol arrived (among the symbol's last 16 such minutes) is left out
+    -- the trades built that bar -- and counted as ignored ``AM_minute_had_trades``.
+    """
+    from flows.feeds.polygon import PolygonParser
+
+    parser = PolygonParser(symbols)
+    traded: dict[int, deque] = {}
+    trades: list[TradeBatch] = []
+    bad: list[Quarantine] = []
+    rows = pos = 0
+    for pos, line, frame, recv_ts in capture_records(p):
+        bars = None
+        if frame is None:
+            bad.append(_bad_line(line, frame))
+            rows += 1
+        else:
+            batch, quarantine, info = parser.parse(frame, _recv_ns(recv_ts))
+            ignored.update(info.get("ignored", {}))
+            if info.get("status"):
+                ignored["status"] += len(info["status"])
+            for code, minute in zip(batch.symbol.tolist(), (batch.time // (60 * NS)).tolist()):
+                seen = traded.setdefault(code, deque(maxlen=16))
+                if minute not in seen:
+                    seen.append(minute)
+            trades.append(batch)
+            bad.append(quarantine)
+            rows += len(batch) + len(quarantine)
+            bars = info.get("bars")
+            if bars is not None:
+                covered = np.array([m in traded.get(c, ()) for c, m in zip(
+                    bars.symbol.tolist(), (bars.time // (60 * NS)).tolist())], dtype=bool)
+                if covered.any():
+                    ignored["AM_minute_had_trades"] += int(covered.sum())
+                    bars = bars.take(~covered) if not covered.all() else None
+        if rows and (rows >= batch_rows or bars is not None):
+            yield TradeBatch.concat(trades), Quarantine.concat(bad), pos
+            trades, bad, rows = [], [], 0
+        if bars is not None:
+            yield bars, Quarantine(), pos
+    if rows:
+        yield TradeBatch.concat(trades), Quarantine.concat(bad), pos
 
 
 @dataclass
@@ -608,13 +703,13 @@ def read_binance_capture(path: str | os.PathLike, symbols: SymbolTable) -> Binan
     batches, agg_rows, klines, bad = [], [], [], []
     ignored: Counter = Counter()
     frames = 0
-    for _, line, frame, recv_ts in _binance_lines(p):
+    for _, line, frame, recv_ts in capture_records(p):
         frames += 1
-        if frame is None:
-            bad.append(Quarantine.malformed([line.decode("utf-8", "replace").strip()]))
+        if not isinstance(frame, dict):
+            bad.append(_bad_line(line, frame))
             continue
         kind = stream_kind(frame)
-        data = frame["data"] if "data" in frame else frame
+        data = frame.get("data", frame)
         try:
             if kind == "aggTrade":
                 row = parse_agg_trade(data, round(recv_ts * NS))
@@ -624,11 +719,10 @@ def read_binance_capture(path: str | os.PathLike, symbols: SymbolTable) -> Binan
             if kind.startswith("kline"):
                 klines.append(parse_kline(data, recv_ts))
         except KeyError:
-            bad.append(Quarantine.malformed([line.decode("utf-8", "replace").strip()],
-                                            "missing_field"))
+            bad.append(_bad_line(line, frame, "missing_field"))
             continue
         except (ValueError, TypeError, OverflowError):
-            bad.append(Quarantine.malformed([line.decode("utf-8", "replace").strip()]))
+            bad.append(_bad_line(line, frame))
             continue
         ignored[kind] += 1
 
@@ -641,6 +735,9 @@ def read_binance_capture(path: str | os.PathLike, symbols: SymbolTable) -> Binan
     return BinanceCapture(p, batches, agg, kl, dict(ignored), Quarantine.concat(bad), frames)
 
 
+_CAPTURE_READERS = {"binance": _iter_binance, "coinbase": _iter_coinbase, "polygon": _iter_polygon}
+
+
 # --------------------------------------------------------------------------- public readers
 
 def _iter_file(path: str | os.PathLike, symbols: SymbolTable, format: str | None,
@@ -648,8 +745,8 @@ def _iter_file(path: str | os.PathLike, symbols: SymbolTable, format: str | None
                ) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
     p = _check_path(path)
     fmt = _resolve_format(p, format)
-    if bars and fmt == "binance":
-        raise FeedError(f"{p.name}: Binance captures hold trades, not bars; drop --bars")
+    if bars and fmt in VENUES:
+        raise FeedError(f"{p.name}: websocket captures hold trades, not bars; drop --bars")
     unit = _check_time_unit(time_unit)
     if batch_rows < 1:
         raise FeedError(f"batch_rows must be at least 1, got {batch_rows}")
@@ -657,9 +754,7 @@ def _iter_file(path: str | os.PathLike, symbols: SymbolTable, format: str | None
         return _iter_csv(p, symbols, unit, batch_rows, bars)
     if fmt == "parquet":
         return _iter_parquet(p, symbols, unit, batch_rows, bars)
-    if _codec(p):
-        raise FeedError(f"{p.name}: compressed Binance captures are not supported; unpack it")
-    return _iter_binance(p, symbols, batch_rows, ignored)
+    return _CAPTURE_READERS[fmt](p, symbols, batch_rows, ignored)
 
 
 def read_trades(
@@ -676,8 +771,10 @@ def read_trades(
     ----------
     path : file to read; ``.gz``/``.bz2``/``.zst`` compressed CSV is read as well.
     symbols : the flow's symbol table; new symbols are added to it.
-    format : ``csv``, ``parquet`` or ``binance``; inferred from the extension when None
-        (``.csv``, ``.parquet``/``.pq``, ``.jsonl``).
+    format : ``csv``, ``parquet``, a venue (``binance``, ``coinbase``, ``polygon``) or
+        ``record`` (a ``tapeflow record`` file); inferred when None from the extension
+        (``.csv``, ``.parquet``/``.pq``, ``.jsonl``) and, for captures, the header line or
+        the first frames. Polygon ``AM`` minute aggregates come as :class:`BarBatch`.
     time_unit : epoch unit (s, ms, us, ns) of numeric times; inferred when None (module doc).
     batch_rows : at most this many rows per batch.
 
@@ -722,7 +819,7 @@ class Replayer:
     rows_read : rows seen so far (trades + quarantined), the CLI's progress count.
     bytes_read, total_bytes : progress through the files, in bytes on disk.
     rows_total : total rows when known up front (Parquet metadata), else None.
-    ignored : frames that carried no trades, by stream kind (Binance captures).
+    ignored : frames that carried no trades, by stream kind or frame type (websocket captures).
     """
 
     def __init__(
