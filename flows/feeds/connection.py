@@ -195,6 +195,8 @@ class _Outcome:
 
 
 _END = object()
+#: most frames held before they are queued (see ``WebsocketFeed._held``)
+_HOLD_FRAMES = 256
 
 
 class WebsocketFeed:
@@ -244,6 +246,9 @@ class WebsocketFeed:
         self._queue: queue.Queue = queue.Queue(self.config.queue_frames)
         self._pending = 0
         self._pending_cv = threading.Condition()
+        #: parsed frames not yet queued: released as one item when the socket has no frame
+        #: buffered (or at ``_HOLD_FRAMES``), so a burst costs one hand-off, not one a frame
+        self._held: list[tuple[TradeBatch, Quarantine]] = []
         self._stop = threading.Event()
         self._loop: IOLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -404,7 +409,16 @@ class WebsocketFeed:
             if done:
                 return
 
-    def _enqueue(self, batch: TradeBatch, unparsed: Quarantine) -> None:
+    def _release(self) -> None:
+        """Queue the held frames as one item (the consumer's batch)."""
+        if not self._held:
+            return
+        held, self._held = self._held, []
+        if len(held) == 1:
+            batch, unparsed = held[0]
+        else:
+            batch = TradeBatch.concat([b for b, _ in held])
+            unparsed = Quarantine.concat([q for _, q in held])
         with self._pending_cv:
             self._pending += 1
         try:
@@ -413,7 +427,7 @@ class WebsocketFeed:
             with self._pending_cv:
                 self._pending -= 1
                 self._pending_cv.notify_all()
-            self.tracker.dropped(1, len(batch) + len(unparsed))
+            self.tracker.dropped(len(held), len(batch) + len(unparsed))
 
     # -- the IOLoop thread ------------------------------------------------------------------
 
@@ -489,6 +503,7 @@ class WebsocketFeed:
         try:
             return await self._session(conn, stop)
         finally:
+            self._release()
             self._conn = None
             conn.close()
 
@@ -506,8 +521,13 @@ class WebsocketFeed:
             timeout = cfg.idle_s
             if cfg.max_session_s is not None:
                 timeout = min(timeout, max(0.0, opened + cfg.max_session_s - self.clock()))
-            done, _ = await asyncio.wait([reading, stop], timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            # A frame already buffered is taken at once: waiting on it (a task and a timer per
+            # frame) cost more than parsing it. Only an empty buffer waits, with the timeouts.
+            done = (reading,) if reading.done() and timeout > 0 else ()
+            if not done:
+                self._release()  # nothing buffered: hand what was read to the consumer
+                done, _ = await asyncio.wait([reading, stop], timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
             if self._stop.is_set():
                 return _Outcome("stopped", healthy=True)
             if not done:
@@ -567,4 +587,6 @@ class WebsocketFeed:
             self.tracker.quarantined(len(unparsed))
         if len(batch) or len(unparsed) or self.wake_consumer:
             self.wake_consumer = False
-            self._enqueue(batch, unparsed)
+            self._held.append((batch, unparsed))
+            if len(self._held) >= _HOLD_FRAMES:
+                self._release()
