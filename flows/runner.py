@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -43,10 +43,15 @@ def start_simulated(flow: Flow, n_symbols: int = 100, rate: float = 2000.0, seed
                                    realtime=False, start_ns=now // day * day - 300 * 10**9)
     stop = stop or threading.Event()
 
+    def history(batches: list[TradeBatch]) -> TradeBatch:
+        # History is generated, not received: no receive time (kept out of the latency figures).
+        batch = TradeBatch.concat(batches)
+        return replace(batch, recv_time=np.zeros(len(batch), np.int64))
+
     def loop() -> None:
         flow.feed_state = "BACKFILL" if realtime and span else "LIVE"
         if previous is not None:
-            flow.push(TradeBatch.concat(list(previous.batches(300))))
+            flow.push(history(list(previous.batches(300))))
         pending: list = []
         end = market.start_ns
         try:
@@ -56,19 +61,20 @@ def start_simulated(flow: Flow, n_symbols: int = 100, rate: float = 2000.0, seed
                 end += market.batch_ns
                 if realtime and end > time.time_ns():  # caught up: follow the wall clock
                     if pending:
-                        flow.push(TradeBatch.concat(pending))
+                        flow.push(history(pending))
                         pending = []
                     flow.feed_state = "LIVE"
                     if stop.wait(max(0.0, (end - time.time_ns()) / 1e9)):
                         break
-                    flow.push(batch)
+                    # stamped on "receipt", as a venue feed does: the monitor's receive-to-bar latency
+                    flow.push(replace(batch, recv_time=np.full(len(batch), time.time_ns(), np.int64)))
                 else:  # history: push in large batches
                     pending.append(batch)
                     if len(pending) >= 50:
-                        flow.push(TradeBatch.concat(pending))
+                        flow.push(history(pending))
                         pending = []
             if pending:
-                flow.push(TradeBatch.concat(pending))
+                flow.push(history(pending))
         finally:
             flow.feed_state = "STOPPED"
 
