@@ -175,8 +175,14 @@ def check_candles_page(browser, url: str, name: str) -> None:
         start, end = times[max(0, len(times) // 4)], times[-1] - (times[-1] - times[0]) / 4
         if end <= start:
             end = start + 600_000
-        page.evaluate("([a, b]) => Bokeh.documents[0].get_model_by_name('price')"
-                      ".x_range.setv({start: a, end: b})", [start, end])
+        # Set twice, 0.4 s apart, as a drag sends several range events: a single programmatic
+        # set can cross the server's follow-shift of that same tick on the wire (the server
+        # has not yet seen the user's range), and then the shift lands after it. Known race,
+        # noted in issue 5; a real pan or zoom keeps sending ranges while the user moves.
+        for _ in range(2):
+            page.evaluate("([a, b]) => Bokeh.documents[0].get_model_by_name('price')"
+                          ".x_range.setv({start: a, end: b})", [start, end])
+            page.wait_for_timeout(400)
         state = page.evaluate(_SNAPSHOT_JS)
         for _ in range(2):
             page.wait_for_function(_CHANGED_JS, arg=state, timeout=10_000)
@@ -371,8 +377,9 @@ def test_quality_and_alerts_pages_served_by_cli(chromium, start_server, tmp_path
     try:
         # Quality: the URL selects the page; scores, the score history and the feeds draw.
         page.goto(server.url + "?page=quality", wait_until="load", timeout=20_000)
-        page.wait_for_function(_ROWS_JS, arg=["quality_scores", "symbol"], timeout=30_000)
-        page.wait_for_function(_ROWS_JS, arg=["quality_history", "time"], timeout=30_000)
+        # The first quality read compiles its kernels in a fresh checkout: allow for it.
+        page.wait_for_function(_ROWS_JS, arg=["quality_scores", "symbol"], timeout=90_000)
+        page.wait_for_function(_ROWS_JS, arg=["quality_history", "time"], timeout=60_000)
         page.wait_for_function(_ROWS_JS, arg=["feeds", "feed"], timeout=10_000)
         page.wait_for_function("() => document.title === 'tapeflow · Quality'", timeout=5_000)
         assert page.evaluate(_ROWS_JS, ["quality_scores", "symbol"]) == 20
