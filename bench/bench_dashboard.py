@@ -13,7 +13,9 @@ Printed:
 * **first paint** of each page, median (min-max) of ``--paints`` loads: from navigation start
   (``performance.now()`` is 0 there) to the first animation frame after the page's main data
   source holds rows (the candles, the heatmap tiles, the monitor series): "cold" in a new browser
-  context (nothing cached), "warm" when the same tab loads the page again;
+  context (nothing cached), "warm" when the same tab loads the page again; of the cold loads,
+  when the HTML had arrived (the server builds the session's document before answering) and
+  when the scripts had loaded (``DOMContentLoaded``);
 * **update latency**, flow to browser, p50/p95: the child pushes a trade of a symbol of its own
   (``ZZMARK``) with a unique price every 1.2-2.2 s (longer than the candles page's 1 s refresh,
   so none is overwritten before it can be drawn) and prints when ``flow.push`` returned. A
@@ -28,8 +30,8 @@ Printed:
   by their number. Live (the market trading) and then quiet (feed and markers paused). The
   first session is the latency page; the others are the pages in turn, as Bokeh client
   sessions (``tests/test_load.py``'s, which send the ``document_ready`` a browser sends) or,
-  with ``--browser-sessions``, Chromium pages (on 2 cores, 20 Chromium pages need more than a
-  core of their own and starve the server: see the note printed);
+  with ``--browser-sessions``, Chromium pages (on 2 cores, 20 live Chromium pages take more
+  than a core of their own and starve the server and the latency page alike);
 * with ``--profile``, a cProfile of the server's IOLoop thread (where every session's
   callbacks run) over one window with the most sessions open, the market live.
 """
@@ -42,6 +44,7 @@ import os
 import pstats
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -58,11 +61,6 @@ MARKER = "ZZMARK"
 #: Page -> (its main data source's name, a column that is non-empty once it has drawn).
 PAGES = {"candles": ("candles", "close"), "market": ("heatmap", "symbol"),
          "monitor": ("monitor", "time")}
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 
 # Runs in every new document: note when the page's main source first has rows and a frame
 # has been drawn after that.
@@ -301,7 +299,7 @@ def fmt_ms(values: list[float]) -> str:
 
 def run(args: argparse.Namespace) -> None:
     import panel.models  # noqa: F401  (the client sessions decode Panel's models)
-    from conftest import free_port
+    from conftest import CHROMIUM, CHROMIUM_ARGS, free_port
     from playwright.sync_api import sync_playwright
     from test_load import ClientSession
 
@@ -341,7 +339,7 @@ def run(args: argparse.Namespace) -> None:
             latency_page.evaluate(_WATCH_CLOSE_JS)
             offset, uncertainty = clock_offset(latency_page)
             extra_pages = []
-            plan = [name for i in range(max(counts)) for name in PAGES][:max(counts)]
+            plan = [list(PAGES)[i % len(PAGES)] for i in range(max(counts))]
             open_now = 1
             for count in counts:
                 while open_now < count:
@@ -379,7 +377,6 @@ def run(args: argparse.Namespace) -> None:
             cpu_q, rss_q = measure(child, args.window, pump)
             rows.append(("quiet", max(counts), cpu_q, rss_q, None))
             print(f"{max(counts)} sessions, quiet: server CPU {cpu_q:.1f} %", flush=True)
-            per_quiet = None
             for client in clients:
                 client.leave()
             for client in clients:
@@ -397,6 +394,7 @@ def run(args: argparse.Namespace) -> None:
         for client in clients:
             client.leave()
         child.stop()
+        shutil.rmtree(store, ignore_errors=True)
     begin = [i for i, line in enumerate(child.lines) if "profile-begin" in line]
     end = [i for i, line in enumerate(child.lines) if "profile-end" in line]
     profile = "\n".join(child.lines[begin[0] + 1:end[0]]) if begin and end else ""
@@ -405,8 +403,7 @@ def run(args: argparse.Namespace) -> None:
 
 def report(args, rows, paints, per_quiet, profile, t_start, load_before) -> None:
     load_after = os.getloadavg()
-    print("\n## Dashboard (`bench/bench_dashboard.py" + (" --quick" if args.quick else "")
-          + f" --sessions {args.sessions}`)\n")
+    print(f"\n## Dashboard (`bench/bench_dashboard.py {' '.join(sys.argv[1:])}`)\n")
     print(f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime(t_start))} UTC, "
           f"`nproc` = {os.cpu_count()}, load average {load_before[0]:.1f} before / "
           f"{load_after[0]:.1f} after (1 min); {args.symbols} simulated symbols at "
@@ -441,7 +438,7 @@ def report(args, rows, paints, per_quiet, profile, t_start, load_before) -> None
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="3 paints per page and 12 s windows (a smoke run, ~3 min)")
+                        help="3 paints per page and 12 s windows (a smoke run, ~5 min)")
     parser.add_argument("--sessions", default="1,5,20", help="open-session counts to measure")
     parser.add_argument("--symbols", type=int, default=500)
     parser.add_argument("--rate", type=float, default=2000.0, help="simulated trades/s")
