@@ -138,6 +138,8 @@ class AlertsView(PeriodicRefresh, pn.viewable.Viewer):
 
     source = param.Parameter(doc="The MarketSource read.")
 
+    draw_on_start = True  # draw at once, then refresh periodically
+
     period = param.Integer(default=2000, bounds=(50, None), doc="""
         Milliseconds between checks for new alerts and changed rules.""")
 
@@ -297,12 +299,6 @@ class AlertsView(PeriodicRefresh, pn.viewable.Viewer):
             self._rules.data = rule_data(self.source.alert_rules())
             self._fired.data = fired_data(self.source.fired_alerts(FIRED_ROWS))
             self._update_summary()
-
-    def start(self) -> None:
-        """Draw at once, then refresh periodically (see :class:`PeriodicRefresh`)."""
-        if self._callback is None:
-            self.refresh()
-        super().start()
 
     def refresh(self) -> bool:
         """Show changed rules and newly fired alerts; return whether anything changed."""

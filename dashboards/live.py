@@ -9,11 +9,15 @@ class PeriodicRefresh:
     session, started once, stopped when the session ends (or by :meth:`stop`)."""
 
     _callback: pn.io.PeriodicCallback | None = None
+    #: refresh once at start, before the first period (views that draw from refreshes)
+    draw_on_start: bool = False
 
     def start(self) -> None:
         """Start this view's periodic refresh (once), stopping it when the session ends."""
         if self._callback is not None:
             return
+        if self.draw_on_start:
+            self.refresh()
         self._callback = pn.state.add_periodic_callback(self.refresh, period=self.period)
         doc = pn.state.curdoc
         if doc is not None and doc.session_context is not None:

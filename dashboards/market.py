@@ -262,6 +262,8 @@ class MarketView(PeriodicRefresh, pn.viewable.Viewer):
 
     source = param.Parameter(doc="The MarketSource read.")
 
+    draw_on_start = True  # draw at once, then refresh periodically
+
     period = param.Integer(default=2000, bounds=(50, None), doc="""
         Milliseconds between checks of ``source.version()``.""")
 
@@ -502,12 +504,6 @@ class MarketView(PeriodicRefresh, pn.viewable.Viewer):
             self._set_tiles(self._fetch("heatmap"), replace=True)
             self._update_sectors()
             self._update_summary()
-
-    def start(self) -> None:
-        """Draw at once, then refresh periodically (see :class:`PeriodicRefresh`)."""
-        if self._callback is None:
-            self.refresh()
-        super().start()
 
     def refresh(self) -> bool:
         """Apply what changed in the source since the last call; return whether anything did.

@@ -349,6 +349,8 @@ class QualityView(PeriodicRefresh, pn.viewable.Viewer):
 
     source = param.Parameter(doc="The MarketSource read.")
 
+    draw_on_start = True  # draw at once, then refresh periodically
+
     period = param.Integer(default=2000, bounds=(50, None), doc="""
         Milliseconds between checks of the source.""")
 
@@ -559,12 +561,6 @@ class QualityView(PeriodicRefresh, pn.viewable.Viewer):
             self._update_feeds()
             self._update_title()
             self._update_summary()
-
-    def start(self) -> None:
-        """Draw at once, then refresh periodically (see :class:`PeriodicRefresh`)."""
-        if self._callback is None:
-            self.refresh()
-        super().start()
 
     def refresh(self) -> bool:
         """Apply what changed in the source since the last call; return whether anything did.

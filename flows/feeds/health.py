@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -142,6 +142,16 @@ class HealthTracker:
     @property
     def state(self) -> str:
         return self._state
+
+    def wait_for_state(self, states: str | Iterable[str], timeout: float = 10.0) -> bool:
+        """Wait until the state is one of ``states``; False on timeout."""
+        wanted = {states} if isinstance(states, str) else set(states)
+        deadline = time.monotonic() + timeout
+        while self.state not in wanted:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     def set_state(self, state: str, reason: str | None = None) -> None:
         """Enter ``state`` (one of :data:`STATES`); ``reason`` is kept as ``last_error`` too

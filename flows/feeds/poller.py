@@ -370,13 +370,7 @@ class PollingFeed:
 
     def wait_for_state(self, states: str | Iterable[str], timeout: float = 10.0) -> bool:
         """Wait until the feed is in one of ``states``; False on timeout."""
-        wanted = {states} if isinstance(states, str) else set(states)
-        deadline = time.monotonic() + timeout
-        while self.tracker.state not in wanted:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return self.tracker.wait_for_state(states, timeout)
 
     # -- the polling thread -----------------------------------------------------------------
 
