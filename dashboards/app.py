@@ -13,6 +13,7 @@ from the same server; system fonts only).
 from __future__ import annotations
 
 import html
+import logging
 import socket
 import time
 
@@ -32,6 +33,8 @@ from dashboards.state import PAGES, AppState
 TITLE = "tapeflow"
 
 #: Page key -> view class.
+log = logging.getLogger(__name__)
+
 VIEWS = {"candles": CandlesView, "market": MarketView, "quality": QualityView,
          "monitor": MonitorView, "alerts": AlertsView}
 
@@ -131,6 +134,7 @@ class App(pn.viewable.Viewer):
         self.theme = theme
         self.views: dict[str, pn.viewable.Viewer] = {}
         self._panels: dict[str, pn.viewable.Viewable] = {}
+        self._broken: set[str] = set()  # pages whose view raised while being built
         self._callback: pn.io.PeriodicCallback | None = None
         css = _page_css(theme)
         self._title = pn.pane.HTML("", stylesheets=[css], css_classes=["tapeflow-header-title"])
@@ -174,22 +178,47 @@ class App(pn.viewable.Viewer):
     @param.depends("state.page", watch=True)
     def _show(self) -> None:
         page = self.state.page
-        view = self._view(page)
-        if page not in self._panels:
+        try:
+            view = self._view(page)
+        except Exception as exc:  # a bug in one page must not blank the app
+            log.exception("could not draw the %s page", page)
+            view = None
+            self._failed(page, exc)
+        if view is not None and (page not in self._panels or page in self._broken):
+            self._drop_panel(page)
             self._panels[page] = pn.panel(view)
             self._main.append(self._panels[page])
         for key, other in self.views.items():
             if key != page:
                 other.stop()
-            self._panels[key].visible = key == page
+        for key, panel in self._panels.items():
+            panel.visible = key == page
         if self._nav.value != page:
             self._nav.value = page
         self._page_title.title = f"{TITLE} · {PAGES[page]}"
         self._title.object = (f'<span class="tapeflow-title">{TITLE} '
                               f'<span class="tf-page">· {html.escape(PAGES[page])}</span></span>')
         doc = pn.state.curdoc
-        if doc is not None and doc.session_context is not None:
+        if view is not None and doc is not None and doc.session_context is not None:
             view.start()
+
+    def _drop_panel(self, page: str) -> None:
+        self._broken.discard(page)
+        old = self._panels.pop(page, None)
+        if old is not None:
+            self._main.remove(old)
+
+    def _failed(self, page: str, exc: Exception) -> None:
+        """Show, in place of ``page``, one line saying it could not be drawn (tried again the
+        next time the page is opened)."""
+        self._drop_panel(page)
+        self._broken.add(page)
+        self._panels[page] = pn.pane.Alert(
+            f"The {PAGES[page]} page could not be drawn: {type(exc).__name__}: "
+            f"{html.escape(str(exc).splitlines()[0] if str(exc) else '')}. The details are in the "
+            "server's log; open the page again to retry.", alert_type="danger",
+            sizing_mode="stretch_width")
+        self._main.append(self._panels[page])
 
     def _update_feed(self) -> None:
         status = self.source.status()

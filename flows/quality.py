@@ -830,6 +830,9 @@ class QualityEngine:
         self._roll_up()
         grid = self.grids[tf]
         n = len(symbols)
+        # A reader may name symbols no batch has shown yet (the table is shared with the
+        # flow): widen the per-symbol state with the grid so both keep one width.
+        self._symbols(n)
         grid.widen(n, len(self.feeds))
         r0 = self._first(grid, since)
         values = self._components(grid.counts[:, r0:, :n], grid.stale[r0:, :n], grid.broken[r0:, :n])

@@ -108,6 +108,8 @@ def start_server(request: pytest.FixtureRequest):
     yield start
     for server in servers:
         server.stop()
+        # Shown by pytest only when the test failed: what the server said.
+        print(f"--- {' '.join(server.proc.args[1:])} ---", *server.lines[-80:], sep="\n")
 
 
 def count_candle_pixels(png: bytes) -> int:

@@ -333,6 +333,39 @@ def test_tile_click_in_the_app_shows_candles_of_that_symbol(source: FrameSource)
     assert app.view.price_figure.title.text.startswith("SYM05 ·")
 
 
+def test_a_page_that_raises_is_one_line_and_retried(source: FrameSource, monkeypatch,
+                                                    caplog) -> None:
+    from dashboards import app as app_module
+
+    calls = []
+
+    def flaky(state, src):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("operands could not be broadcast\nsecond line")
+        return app_module.QualityView(state, src)
+
+    monkeypatch.setitem(app_module.VIEWS, "quality", flaky)
+    app = App(source)
+    app.state.page = "quality"  # the view raises: an alert in its place, the header still works
+
+    shown = [p for p in app._main.objects if p.visible]
+    assert len(shown) == 1 and isinstance(shown[0], pn.pane.Alert)
+    assert shown[0].object == ("The Quality page could not be drawn: ValueError: operands "
+                               "could not be broadcast. The details are in the server's log; "
+                               "open the page again to retry.")
+    assert "quality" not in app.views and "could not draw the quality page" in caplog.text
+    assert "Quality" in app._title.object
+
+    app.state.page = "market"
+    app.state.page = "quality"  # opened again: built this time, the alert gone
+    assert isinstance(app.view, app_module.QualityView)
+    assert not any(isinstance(p, pn.pane.Alert) for p in app._main.objects)
+    assert [type(p).__name__ for p in app._main.objects if p.visible] != ["Alert"]
+    for view in app.views.values():
+        view.stop()
+
+
 def test_create_app_renders_every_page(source: FrameSource) -> None:
     for page in PAGES:
         app = App(source, state=AppState.from_source(source, page=page))

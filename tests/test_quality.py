@@ -271,3 +271,23 @@ def test_broken_bar_lowers_only_ohlc():
 def test_config_rejects_unknown_components():
     with pytest.raises(ValueError, match="unknown quality component"):
         QualityConfig(weights={"spikes": 1.0})
+
+
+def test_reading_before_any_batch_gives_empty_scores():
+    # The served Quality page can read while the flow has named symbols but observed nothing
+    # (seen in CI: feed_dataset raised on the 20-column grid the symbol read had widened).
+    quality = QualityEngine(QualityConfig(window=WINDOW, history=200), TFS)
+    names = tuple(f"S{i:02d}" for i in range(20))
+    for tf in TFS:
+        ds = quality.dataset(tf, names)
+        assert ds.sizes == {"time": 0, "symbol": 20}
+        feeds = quality.feed_dataset(tf)
+        assert feeds.sizes == {"time": 0, "feed": 0}
+    # Observing afterwards still works and scores the new feed.
+    table = SymbolTable(names)
+    batch = TradeBatch.from_columns(table, time=[START + NS] * 2, symbol=["S00", "S19"],
+                                    price=[10.0, 11.0], size=[1.0, 2.0], trade_id=[1, 2])
+    accepted, rejected = Validator(clock=lambda: 2**62).process(batch)
+    quality.observe(batch, accepted, rejected, feed="sim")
+    assert quality.feed_dataset("1m").sizes == {"time": 1, "feed": 1}
+    assert quality.dataset("1m", names)["score"].values.tolist() == [[100.0] * 20]
