@@ -18,7 +18,7 @@ serve: $(STAMP)
 	$(BIN)/tapeflow serve
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_bars.py

@@ -19,7 +19,8 @@ from conftest import free_port
 
 from dashboards.candles import DOWN_COLOR, UP_COLOR
 
-pytestmark = pytest.mark.slow
+# One worker runs the browser, load and notebook tests in turn (see the Makefile).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser")]
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"

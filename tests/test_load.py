@@ -63,7 +63,8 @@ from urllib.parse import urlparse
 import pytest
 from conftest import free_port
 
-pytestmark = pytest.mark.slow
+# One worker runs the browser, load and notebook tests in turn (see the Makefile).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser")]
 
 ROOT = Path(__file__).resolve().parents[1]
 LOAD_SECONDS = float(os.environ.get("TAPEFLOW_LOAD_SECONDS", "120"))
