@@ -433,10 +433,7 @@ class BreadthEngine:
     def _compute_sectors(self, start: int) -> None:
         R, S = self._n, self._n_sym
         codes = self._codes(S)  # may add "Unknown"
-        k = len(self.sector_names)
-        if self._sec["return"].shape[1] < k:  # a new sector has no members in the earlier rows
-            self._sec = {n: _grow(v, v.shape[0], k, np.nan if n.startswith("return") else 0)
-                         for n, v in self._sec.items()}
+        k = self._widen_sectors()
         sums = np.zeros((4, R - start, k))
         counts = np.zeros((4, R - start, k), dtype=np.int64)
         _sector_sums(*(self._cells[n][start:R, :S] for n in ("close", "ref", "has", "volume")), codes,
@@ -466,9 +463,18 @@ class BreadthEngine:
         """Return the breadth variables, each (R,) aligned with the last ``times``."""
         return {k: self._rows[k][: self._n].copy() for k in self.config.breadth_fields}
 
+    def _widen_sectors(self) -> int:
+        """Give the sector variables a column per sector name (a sector named since the last
+        update, e.g. by a read, has no members in the rows so far); return the count."""
+        k = len(self.sector_names)
+        if self._sec["return"].shape[1] < k:
+            self._sec = {n: _grow(v, v.shape[0], k, np.nan if n.startswith("return") else 0)
+                         for n, v in self._sec.items()}
+        return k
+
     def sectors(self) -> tuple[list[str], dict[str, np.ndarray]]:
         """Return the sector names and the sector variables, each (R, n_sectors)."""
-        k = len(self.sector_names)
+        k = self._widen_sectors()
         return list(self.sector_names), {n: v[: self._n, :k].copy() for n, v in self._sec.items()}
 
     # -- checkpoints ------------------------------------------------------------------------

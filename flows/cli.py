@@ -410,6 +410,26 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warm_up() -> None:
+    """Compile the kernels before the first page needs them, saying so if it takes a while
+    (about 30 s once per checkout; then ~1 s to load them from numba's cache)."""
+    from flows.warmup import warm_up
+
+    done = threading.Event()
+
+    def notice() -> None:
+        if not done.wait(2.0):
+            print("compiling the flow's kernels (once per checkout, about 30 s)...", flush=True)
+
+    threading.Thread(target=notice, daemon=True).start()
+    try:
+        seconds = warm_up()
+    finally:
+        done.set()
+    if seconds > 2.0:
+        print(f"kernels compiled in {seconds:.0f} s (cached for the next start)", flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dashboards.app import serve
 
@@ -417,6 +437,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flow = _make_flow(args, _flow_name(args, specs))
     backfill = args.backfill * 60 if flow.engine.open_minute is None else 0.0  # only into an empty store
     try:
+        _warm_up()
         feed = _Feed(flow, args, specs, backfill_s=backfill)
     except BaseException:
         flow.close()

@@ -22,6 +22,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def compiled_kernels() -> None:
+    """Compile (or load) the flow's numba kernels once per test process, so a served page or
+    a notebook started next does not compile them while a test waits for it."""
+    from flows.warmup import warm_up
+
+    warm_up()
+
+
+@pytest.fixture(scope="session")
 def chromium():
     """A Playwright Chromium browser (the system one). Skips only outside CI when missing."""
     if not CHROMIUM.exists():

@@ -222,3 +222,26 @@ def test_record_then_replay_with_the_installed_command(tmp_path):
     replay = tapeflow("replay", str(out), "--store", str(tmp_path / "r.zarr"), "--no-analytics")
     assert replay.returncode == 0, replay.stderr
     assert "received                 28" in replay.stdout and "reconciles   yes" in replay.stdout
+
+
+def test_serve_says_when_it_compiles_kernels(monkeypatch, capsys):
+    import time
+
+    import flows.cli
+    import flows.warmup
+
+    # A warm cache: nothing printed.
+    monkeypatch.setattr(flows.warmup, "warm_up", lambda: 0.6)
+    flows.cli._warm_up()
+    assert capsys.readouterr().out == ""
+
+    # A cold checkout: the notice after 2 s, then how long it took.
+    def cold() -> float:
+        time.sleep(2.5)
+        return 31.2
+
+    monkeypatch.setattr(flows.warmup, "warm_up", cold)
+    flows.cli._warm_up()
+    assert capsys.readouterr().out.splitlines() == [
+        "compiling the flow's kernels (once per checkout, about 30 s)...",
+        "kernels compiled in 31 s (cached for the next start)"]

@@ -333,6 +333,31 @@ def test_tile_click_in_the_app_shows_candles_of_that_symbol(source: FrameSource)
     assert app.view.price_figure.title.text.startswith("SYM05 ·")
 
 
+@pytest.mark.parametrize("page", ["market", "quality", "alerts", "monitor"])
+def test_periodic_ticks_wait_for_the_served_page_to_load(page: str, source: FrameSource,
+                                                         monkeypatch) -> None:
+    # Panel drops model changes made between the browser's pull of the document and its
+    # document_ready: a tick must not change anything before the page has loaded.
+    from types import SimpleNamespace
+
+    from dashboards.app import VIEWS
+
+    view = VIEWS[page](AppState.from_source(source, page=page), source)
+    calls = []
+    monkeypatch.setattr(view, "refresh", lambda: calls.append(page))
+    state = type(pn.state)
+    monkeypatch.setattr(state, "curdoc", property(
+        lambda self: SimpleNamespace(session_context=object())))
+    loaded = [False]
+    monkeypatch.setattr(state, "loaded", property(lambda self: loaded[0]))
+
+    view._tick()
+    assert calls == []
+    loaded[0] = True
+    view._tick()
+    assert calls == [page]
+
+
 def test_a_page_that_raises_is_one_line_and_retried(source: FrameSource, monkeypatch,
                                                     caplog) -> None:
     from dashboards import app as app_module

@@ -121,3 +121,57 @@ def test_feed_health_and_monitor_stage_figures():
     assert all(m["stage_rates"][k] > 0 for k in ("validate", "quality", "bars"))
     flow.register_feed("venue-a", lambda: {"state": "LIVE", "reconnects": 2})
     assert flow.feed_healths() == [{"state": "LIVE", "reconnects": 2, "feed": "venue-a"}]
+
+
+READS = {
+    "bars": lambda f, tf, s: f.bars(tf, s),
+    "symbol_indicators": lambda f, tf, s: f.symbol_indicators(tf, s),
+    "indicators": lambda f, tf, s: f.indicators(tf),
+    "breadth": lambda f, tf, s: f.breadth(tf),
+    "heatmap": lambda f, tf, s: f.heatmap(tf),
+    "sectors": lambda f, tf, s: f.sectors(tf),
+    "quality": lambda f, tf, s: f.quality(tf),
+    "quality_feeds": lambda f, tf, s: f.quality_feeds(tf),
+    "quarantine_log": lambda f, tf, s: f.quarantine_log(),
+    "fired_alerts": lambda f, tf, s: f.fired_alerts(),
+    "monitor": lambda f, tf, s: f.monitor(),
+    "status": lambda f, tf, s: f.status(),
+}
+
+
+@pytest.mark.parametrize("order", ["forward", "backward"])
+def test_every_read_works_before_the_first_batch_and_after_it(order):
+    # A served page can be opened while the feed has named its symbols (with sectors) and
+    # pushed nothing yet. Two such reads raised in CI: the quality of feeds (a grid widened
+    # by the symbols' read) and the sectors after the heatmap had named them.
+    from flows.feeds.simulated import SimulatedMarket
+
+    flow = Flow(FlowConfig(store=None, timeframes=("1m", "5m"), history=120, window=30))
+    market = SimulatedMarket(flow.table, n_symbols=12, rate=50.0, seed=3,
+                             start_ns=MIDNIGHT_ET + 14 * 3600 * NS, batch_ms=1000)
+    symbol = market.tickers[0]
+    names = list(READS) if order == "forward" else list(READS)[::-1]
+    for tf in ("1m", "5m"):
+        for name in names:
+            READS[name](flow, tf, symbol)
+        assert flow.bars(tf, symbol).empty
+        assert flow.quality(tf).sizes["time"] == 0
+        assert flow.sectors(tf).sizes["time"] == 0
+    batches = market.batches(90)
+    flow.push(next(batches))
+    for tf in ("1m", "5m"):
+        for name in names:
+            READS[name](flow, tf, symbol)
+    for batch in batches:
+        flow.push(batch)
+    for tf in ("1m", "5m"):
+        for name in names:
+            READS[name](flow, tf, symbol)
+        assert len(flow.bars(tf, symbol)) >= 1
+        assert flow.quality(tf).sizes["symbol"] == 12
+        sectors = flow.sectors(tf)
+        assert sectors.sizes["sector"] == len(set(sectors["sector"].values))
+        assert set(sectors["sector"].values) == {flow.table.meta[t]["sector"]
+                                                 for t in market.tickers}
+        assert 0 < len(flow.heatmap(tf)) <= 12  # the symbols that traded
+    flow.close()

@@ -64,7 +64,8 @@ import pytest
 from conftest import free_port
 
 # One worker runs the browser, load and notebook tests in turn (see the Makefile).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser"),
+              pytest.mark.usefixtures("compiled_kernels")]
 
 ROOT = Path(__file__).resolve().parents[1]
 LOAD_SECONDS = float(os.environ.get("TAPEFLOW_LOAD_SECONDS", "120"))

@@ -30,6 +30,7 @@ def test_committed_without_outputs(path):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("browser")  # one worker runs these in turn (see the Makefile)
+@pytest.mark.usefixtures("compiled_kernels")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_runs_without_errors(path, small_store, monkeypatch):
     monkeypatch.setenv("TAPEFLOW_STORE", str(small_store))
