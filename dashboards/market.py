@@ -500,8 +500,8 @@ class MarketView(PeriodicRefresh, pn.viewable.Viewer):
         # A widget's callback may run without the document lock: hold the model changes and
         # send them together (see dashboards/alerts.py).
         with pn.io.hold():
-            self._breadth.data = _breadth_columns(self._fetch("breadth"))
-            self._set_tiles(self._fetch("heatmap"), replace=True)
+            self._breadth.data = _own(self._shared("breadth"))
+            self._set_tiles(replace=True)
             self._update_sectors()
             self._update_summary()
 
@@ -515,11 +515,32 @@ class MarketView(PeriodicRefresh, pn.viewable.Viewer):
         if version == self._seen_version:
             return False
         self._seen_version = version
-        self._update_breadth(_breadth_columns(self._fetch("breadth")))
-        self._set_tiles(self._fetch("heatmap"))
+        self._update_breadth(self._shared("breadth"))
+        self._set_tiles()
         self._update_sectors()
         self._update_summary()
         return True
+
+    def _shared(self, what: str):
+        """The columns of ``what`` (``breadth``, ``tiles``, ``movers``, ``sectors``) for
+        ``state.timeframe``: derived once per source version for every session when the
+        source has a cache (a flow does), so twenty open pages cost one derivation. Shared:
+        never change them in place (:func:`_own` copies them for a source that is patched).
+        """
+        def make():
+            if what == "breadth":
+                return _breadth_columns(self._fetch("breadth"))
+            if what == "sectors":
+                return _sector_columns(self._fetch("sectors"))
+            frame = self._fetch("heatmap")
+            return {"tiles": heatmap_tiles(frame),
+                    "movers": {k: _table_columns(t) for k, t in movers(frame).items()}}
+
+        cache = getattr(self.source, "cache", None)
+        key = "heatmap" if what in ("tiles", "movers") else what
+        value = make() if cache is None else cache.get_or_compute(
+            ("market-view", key, self.state.timeframe, self.source.version()), make)
+        return value[what] if key == "heatmap" else value
 
     def _fetch(self, what: str):
         tf = self.state.timeframe
@@ -532,12 +553,12 @@ class MarketView(PeriodicRefresh, pn.viewable.Viewer):
         shown = self._breadth.data
         old_t, new_t = shown["time"], new["time"]
         if len(old_t) == 0 or len(new_t) == 0:
-            self._breadth.data = new
+            self._breadth.data = _own(new)
             return
         overlap_new = new_t[new_t <= old_t[-1]]
         overlap_old = old_t[old_t >= new_t[0]]
         if not np.array_equal(overlap_new, overlap_old):  # a row appeared in the middle
-            self._breadth.data = new
+            self._breadth.data = _own(new)
             return
         offset = len(old_t) - len(overlap_old)
         patches: dict[str, list[tuple[int, float]]] = {}
@@ -552,8 +573,8 @@ class MarketView(PeriodicRefresh, pn.viewable.Viewer):
         if len(new_t) > len(overlap_new):
             self._breadth.stream({k: v[tail] for k, v in new.items()}, rollover=BREADTH_ROWS)
 
-    def _set_tiles(self, frame: pd.DataFrame, replace: bool = False) -> None:
-        tiles = heatmap_tiles(frame)
+    def _set_tiles(self, replace: bool = False) -> None:
+        tiles = self._shared("tiles")
         shown = self._tiles.data
         same = (not replace and len(shown["symbol"]) == len(tiles["symbol"])
                 and np.array_equal(shown["symbol"], tiles["symbol"])
@@ -569,7 +590,7 @@ class MarketView(PeriodicRefresh, pn.viewable.Viewer):
             if patches:
                 self._tiles.patch(patches)
         else:
-            self._tiles.data = tiles
+            self._tiles.data = _own(tiles)
             labels = _sector_labels(tiles)
             self.heatmap_figure.yaxis.ticker.ticks = list(labels)
             self.heatmap_figure.yaxis.major_label_overrides = labels
@@ -578,14 +599,13 @@ class MarketView(PeriodicRefresh, pn.viewable.Viewer):
             self.heatmap_figure.x_range.update(start=0, end=columns)
             self.heatmap_figure.y_range.update(start=-rows, end=0)
             self.heatmap_figure.height = max(120, 36 * rows + 10)
-        for key, table in movers(frame).items():
-            data = _table_columns(table)
+        for key, data in self._shared("movers").items():
             shown = self._movers[key].data
             if not all(np.array_equal(shown[k], data[k]) for k in _TABLE_FIELDS):
                 self._movers[key].data = data
 
     def _update_sectors(self) -> None:
-        data = _sector_columns(self._fetch("sectors"))
+        data = self._shared("sectors")
         factors = [str(s) for s in data["sector"]]
         if list(self.sector_figure.y_range.factors) != factors:
             self.sector_figure.y_range.factors = factors
@@ -606,6 +626,11 @@ class MarketView(PeriodicRefresh, pn.viewable.Viewer):
             f'<span style="color:{DOWN_COLOR};font-weight:600">▼ {_int(dec)}</span> '
             f"· A/D line {_int(ad_line)} · {len(self._tiles.data['symbol'])} symbols"
             f'<span class="tf-muted">{html.escape(note)}</span>')
+
+
+def _own(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Copies of shared columns, for a data source that is later patched in place."""
+    return {k: np.array(v, copy=True) for k, v in columns.items()}
 
 
 def _int(value: float) -> str:

@@ -38,6 +38,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 Clock = Callable[[], float]
 _MISSING = object()
@@ -442,9 +444,22 @@ def estimate_nbytes(value: Any) -> int:
     True
     >>> estimate_nbytes((np.zeros(10), np.zeros(10))) > 160
     True
+    >>> frame = pd.DataFrame({"x": np.zeros(100), "s": ["abc"] * 100})
+    >>> estimate_nbytes(frame) == int(frame.memory_usage(deep=True).sum())
+    True
     """
+    dtypes = getattr(value, "dtypes", None)
+    if hasattr(value, "columns") and hasattr(value, "index") and dtypes is not None:
+        # A DataFrame: fixed-width numpy columns from their dtype, only the others (objects,
+        # strings) inspected (``memory_usage(deep=True)`` of every column: ~1.5 ms a frame).
+        n, total = len(value), estimate_nbytes(value.index)
+        for i, dtype in enumerate(dtypes):
+            fixed = isinstance(dtype, np.dtype) and dtype.kind != "O"
+            total += (dtype.itemsize * n if fixed
+                      else int(value.iloc[:, i].memory_usage(index=False, deep=True)))
+        return total
     memory_usage = getattr(value, "memory_usage", None)
-    if callable(memory_usage):  # pandas DataFrame, Series, Index
+    if callable(memory_usage):  # pandas Series, Index
         try:
             used = memory_usage(deep=True)
         except TypeError:

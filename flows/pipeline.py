@@ -546,12 +546,18 @@ class Flow:
         ``symbol``, ``tf``, ``rule``, ``rule_id``, ``kind``, ``value``, ``threshold``, ``message``."""
         columns = ["time", "fired_at", "symbol", "tf", "rule", "rule_id", "kind", "value",
                    "threshold", "message"]
-        alerts = list(self.alerts.recent)[-n:] if self.alerts is not None else []
-        frame = pd.DataFrame([{c: getattr(a, c) for c in columns} for a in alerts[::-1]],
-                             columns=columns)
-        for c in ("time", "fired_at"):
-            frame[c] = pd.to_datetime(frame[c].to_numpy(np.int64).view("datetime64[ns]"))
-        return frame
+
+        def compute() -> pd.DataFrame:
+            alerts = list(self.alerts.recent)[-n:] if self.alerts is not None else []
+            frame = pd.DataFrame([{c: getattr(a, c) for c in columns} for a in alerts[::-1]],
+                                 columns=columns)
+            for c in ("time", "fired_at"):
+                frame[c] = pd.to_datetime(frame[c].to_numpy(np.int64).view("datetime64[ns]"))
+            return frame
+
+        # Every open page polls this: built once per change of the alerts, for all of them.
+        version = self.alerts.version if self.alerts is not None else 0
+        return self.cache.get_or_compute(("fired_alerts", n, version), compute)
 
     def monitor(self) -> dict:
         """Pipeline figures for the monitor: throughput, each stage's own rate (trades per second

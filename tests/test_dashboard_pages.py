@@ -398,3 +398,35 @@ def test_create_app_renders_every_page(source: FrameSource) -> None:
         for view in app.views.values():
             view.stop()
     assert create_app(source).get_root() is not None
+
+
+def test_market_views_share_one_derivation_per_version_and_never_its_arrays() -> None:
+    from flows.feeds.simulated import SimulatedMarket
+    from flows.pipeline import Flow, FlowConfig
+
+    flow = Flow(FlowConfig(store=None, timeframes=("1m", "5m"), history=120, window=30))
+    market = SimulatedMarket(flow.table, n_symbols=30, rate=200.0, seed=5,
+                             start_ns=1_704_205_800 * 10**9, batch_ms=1000)
+    batches = market.batches(10 * 60)
+    for _, batch in zip(range(300), batches):
+        flow.push(batch)
+    views = [MarketView(AppState.from_source(flow), flow) for _ in range(3)]
+    flow.push(next(batches))
+    misses = flow.cache.stats().misses
+    assert all(view.refresh() for view in views)
+    # breadth, heatmap (tiles and movers), sectors: derived once for the three views, on top
+    # of the flow's own three reads.
+    assert flow.cache.stats().misses - misses == 6
+    tiles = views[0]._shared("tiles")
+    assert all(view._shared("tiles") is tiles for view in views)
+    for view in views:
+        assert view.tiles["symbol"].tolist() == tiles["symbol"].tolist()
+        assert all(view._tiles.data[k] is not tiles[k] for k in tiles)  # patched in place
+        assert all(view._breadth.data[k] is not views[0]._shared("breadth")[k]
+                   for k in view._breadth.data)
+    # A view's patch leaves the shared columns and the other views alone.
+    before = tiles["return"].copy()
+    views[0]._tiles.patch({"return": [(0, 123.0)]})
+    np.testing.assert_array_equal(tiles["return"], before)
+    assert views[1]._tiles.data["return"][0] != 123.0
+    flow.close()
