@@ -515,10 +515,11 @@ class MarketView(PeriodicRefresh, pn.viewable.Viewer):
         if version == self._seen_version:
             return False
         self._seen_version = version
-        self._update_breadth(self._shared("breadth"))
-        self._set_tiles()
-        self._update_sectors()
-        self._update_summary()
+        with pn.io.hold():  # one message for the tick's changes, not one per change
+            self._update_breadth(self._shared("breadth"))
+            self._set_tiles()
+            self._update_sectors()
+            self._update_summary()
         return True
 
     def _shared(self, what: str):
