@@ -570,16 +570,17 @@ def _recv_ns(recv_ts: float) -> int:
     return round(recv_ts * NS) if math.isfinite(recv_ts) else 0
 
 
-def _iter_coinbase(p: Path, symbols: SymbolTable, batch_rows: int, ignored: Counter
-                   ) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
-    """A Coinbase ``matches`` capture, each frame through :class:`CoinbaseParser` as live."""
-    from flows.feeds.coinbase import CoinbaseParser
-
-    parser = CoinbaseParser(symbols)
+def _iter_parsed(p: Path, parser, batch_rows: int, ignored: Counter,
+                 bars_of: Callable[[TradeBatch, dict], BarBatch | None] | None = None
+                 ) -> Iterator[tuple[TradeBatch | BarBatch, Quarantine, int]]:
+    """Each frame of a capture through a venue's live ``parser``: trades (and quarantine) in
+    batches of about ``batch_rows``; ``bars_of(trades, info)`` may return a frame's bars, yielded
+    in file order (the trades before them first)."""
     trades: list[TradeBatch] = []
     bad: list[Quarantine] = []
     rows = pos = 0
     for pos, line, frame, recv_ts in capture_records(p):
+        bars = None
         if frame is None:
             bad.append(_bad_line(line, frame))
             rows += 1
@@ -589,11 +590,23 @@ def _iter_coinbase(p: Path, symbols: SymbolTable, batch_rows: int, ignored: Coun
             trades.append(batch)
             bad.append(quarantine)
             rows += len(batch) + len(quarantine)
-        if rows >= batch_rows:
+            if bars_of is not None:
+                bars = bars_of(batch, info)
+        if rows and (rows >= batch_rows or bars is not None):
             yield TradeBatch.concat(trades), Quarantine.concat(bad), pos
             trades, bad, rows = [], [], 0
+        if bars is not None:
+            yield bars, Quarantine(), pos
     if rows:
         yield TradeBatch.concat(trades), Quarantine.concat(bad), pos
+
+
+def _iter_coinbase(p: Path, symbols: SymbolTable, batch_rows: int, ignored: Counter
+                   ) -> Iterator[tuple[TradeBatch, Quarantine, int]]:
+    """A Coinbase ``matches`` capture, each frame through :class:`CoinbaseParser` as live."""
+    from flows.feeds.coinbase import CoinbaseParser
+
+    return _iter_parsed(p, CoinbaseParser(symbols), batch_rows, ignored)
 
 
 def _iter_polygon(p: Path, symbols: SymbolTable, batch_rows: int, ignored: Counter
@@ -607,42 +620,25 @@ def _iter_polygon(p: Path, symbols: SymbolTable, batch_rows: int, ignored: Count
     """
     from flows.feeds.polygon import PolygonParser
 
-    parser = PolygonParser(symbols)
     traded: dict[int, deque] = {}
-    trades: list[TradeBatch] = []
-    bad: list[Quarantine] = []
-    rows = pos = 0
-    for pos, line, frame, recv_ts in capture_records(p):
-        bars = None
-        if frame is None:
-            bad.append(_bad_line(line, frame))
-            rows += 1
-        else:
-            batch, quarantine, info = parser.parse(frame, _recv_ns(recv_ts))
-            ignored.update(info.get("ignored", {}))
-            if info.get("status"):
-                ignored["status"] += len(info["status"])
-            for code, minute in zip(batch.symbol.tolist(), (batch.time // (60 * NS)).tolist()):
-                seen = traded.setdefault(code, deque(maxlen=16))
-                if minute not in seen:
-                    seen.append(minute)
-            trades.append(batch)
-            bad.append(quarantine)
-            rows += len(batch) + len(quarantine)
-            bars = info.get("bars")
-            if bars is not None:
-                covered = np.array([m in traded.get(c, ()) for c, m in zip(
-                    bars.symbol.tolist(), (bars.time // (60 * NS)).tolist())], dtype=bool)
-                if covered.any():
-                    ignored["AM_minute_had_trades"] += int(covered.sum())
-                    bars = bars.take(~covered) if not covered.all() else None
-        if rows and (rows >= batch_rows or bars is not None):
-            yield TradeBatch.concat(trades), Quarantine.concat(bad), pos
-            trades, bad, rows = [], [], 0
+
+    def bars_of(batch: TradeBatch, info: dict) -> BarBatch | None:
+        if info.get("status"):
+            ignored["status"] += len(info["status"])
+        for code, minute in zip(batch.symbol.tolist(), (batch.time // (60 * NS)).tolist()):
+            seen = traded.setdefault(code, deque(maxlen=16))
+            if minute not in seen:
+                seen.append(minute)
+        bars = info.get("bars")
         if bars is not None:
-            yield bars, Quarantine(), pos
-    if rows:
-        yield TradeBatch.concat(trades), Quarantine.concat(bad), pos
+            covered = np.array([m in traded.get(c, ()) for c, m in zip(
+                bars.symbol.tolist(), (bars.time // (60 * NS)).tolist())], dtype=bool)
+            if covered.any():
+                ignored["AM_minute_had_trades"] += int(covered.sum())
+                bars = bars.take(~covered) if not covered.all() else None
+        return bars
+
+    return _iter_parsed(p, PolygonParser(symbols), batch_rows, ignored, bars_of)
 
 
 @dataclass
