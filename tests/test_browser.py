@@ -264,6 +264,24 @@ _TILE_JS = """(symbol) => {
 }"""
 
 
+def serve_cli(start_server, tmp_path: Path) -> Server:
+    """``tapeflow serve`` (20 simulated symbols, 5 minutes of backfill) on a free port."""
+    port = free_port()
+    return start_server(
+        [sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
+         "--store", str(tmp_path / "market.zarr"), "--symbols", "20", "--rate", "500",
+         "--backfill", "5"], port)
+
+
+def wait_for_rows(page, name: str, column: str, timeout_ms: float) -> None:
+    """Wait until data source ``name`` has rows; on a timeout, print what the page shows."""
+    try:
+        page.wait_for_function(_ROWS_JS, arg=[name, column], timeout=timeout_ms)
+    except Exception:
+        print("page when the wait ended:", page.evaluate(_PAGE_STATE_JS))
+        raise
+
+
 def watch_page(page) -> dict[str, list[str]]:
     """Record the page's requests, failed requests and console errors."""
     seen: dict[str, list[str]] = {"requests": [], "failed": [], "errors": []}
@@ -300,11 +318,7 @@ def test_pages_served_by_cli(chromium, start_server, tmp_path: Path) -> None:
     from dashboards.market import PALETTE, UNKNOWN_COLOR
 
     ARTIFACTS.mkdir(exist_ok=True)
-    port = free_port()
-    server = start_server(
-        [sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
-         "--store", str(tmp_path / "market.zarr"), "--symbols", "20", "--rate", "500",
-         "--backfill", "5"], port)
+    server = serve_cli(start_server, tmp_path)
     page = chromium.new_page(viewport={"width": 1400, "height": 1000})
     seen = watch_page(page)
     try:
@@ -312,11 +326,7 @@ def test_pages_served_by_cli(chromium, start_server, tmp_path: Path) -> None:
         page.goto(server.url + "?page=market", wait_until="load", timeout=20_000)
         # No reload: the first render used to miss its heatmap rows about one run in three
         # (a change made before the page had loaded; see PeriodicRefresh._tick).
-        try:
-            page.wait_for_function(_ROWS_JS, arg=["heatmap", "symbol"], timeout=60_000)
-        except Exception:
-            print("page when the wait ended:", page.evaluate(_PAGE_STATE_JS))
-            raise
+        wait_for_rows(page, "heatmap", "symbol", 60_000)
         page.wait_for_function(_ROWS_JS, arg=["breadth", "time"], timeout=45_000)
         page.wait_for_function(_ROWS_JS, arg=["sectors", "sector"], timeout=45_000)
         assert page.evaluate(_ROWS_JS, ["heatmap", "symbol"]) == 20
@@ -376,11 +386,7 @@ def test_quality_and_alerts_pages_served_by_cli(chromium, start_server, tmp_path
     from dashboards.quality import SCORE_COLOR
 
     ARTIFACTS.mkdir(exist_ok=True)
-    port = free_port()
-    server = start_server(
-        [sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
-         "--store", str(tmp_path / "market.zarr"), "--symbols", "20", "--rate", "500",
-         "--backfill", "5"], port)
+    server = serve_cli(start_server, tmp_path)
     page = chromium.new_page(viewport={"width": 1400, "height": 1000})
     seen = watch_page(page)
     try:
@@ -388,11 +394,7 @@ def test_quality_and_alerts_pages_served_by_cli(chromium, start_server, tmp_path
         page.goto(server.url + "?page=quality", wait_until="load", timeout=20_000)
         # The kernels are compiled (compiled_kernels, and the server's own warm-up); the first
         # rows wait for the first batches after the backfill. Generous for a loaded machine.
-        try:
-            page.wait_for_function(_ROWS_JS, arg=["quality_scores", "symbol"], timeout=90_000)
-        except Exception:
-            print("page when the wait ended:", page.evaluate(_PAGE_STATE_JS))
-            raise
+        wait_for_rows(page, "quality_scores", "symbol", 90_000)
         page.wait_for_function(_ROWS_JS, arg=["quality_history", "time"], timeout=60_000)
         page.wait_for_function(_ROWS_JS, arg=["feeds", "feed"], timeout=10_000)
         page.wait_for_function("() => document.title === 'tapeflow · Quality'", timeout=5_000)

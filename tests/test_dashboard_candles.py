@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import panel as pn
 import pytest
-from bokeh.document import Document
+from test_dashboard import bar, record_data_events
 
 from dashboards.candles import (
     FORMING_ALPHA,
@@ -37,24 +37,6 @@ def source() -> FrameSource:
 @pytest.fixture
 def view(source: FrameSource) -> CandlesView:
     return CandlesView(AppState.from_source(source, lookback=LOOKBACK), source)
-
-
-def bar(time: pd.Timestamp, open_: float, close: float, volume: float = 10.0) -> pd.DataFrame:
-    """One bar row with a ``time`` index, as a flow would upsert it."""
-    return pd.DataFrame(
-        {"open": open_, "high": max(open_, close) + 0.5, "low": min(open_, close) - 0.5,
-         "close": close, "volume": volume, "trades": 3, "vwap": (open_ + close) / 2},
-        index=pd.DatetimeIndex([time], name="time"))
-
-
-def record_data_events(view: CandlesView) -> list[str]:
-    """Return a list collecting the data events the chart's main source would send."""
-    events: list[str] = []
-    doc = Document()
-    doc.add_root(view._chart.object)
-    doc.on_change(lambda event: events.append(type(event).__name__)
-                  if getattr(event, "model", None) is view._cds else None)
-    return events
 
 
 def assert_shows(view: CandlesView, source, tf: str, symbol: str) -> None:

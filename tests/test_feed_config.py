@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
 import threading
 import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -28,15 +27,7 @@ USDM = DATA / "binance_usdm_ws_combined_2021-04-17T1637Z.jsonl"
 COINBASE = DATA / "coinbase_pro_ws_matches_ticker_2021-04-17.jsonl"
 FAST = ConnectionConfig(idle_s=5.0, backoff_base_s=0.01, backoff_cap_s=0.05, healthy_after_s=0.2)
 
-pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True)
-def keep_sigterm():
-    """`main` turns SIGTERM into KeyboardInterrupt; give pytest its own handler back."""
-    before = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, before)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("keep_sigterm")]
 
 
 def write(tmp_path: Path, text: str, name: str = "feeds.yaml") -> Path:

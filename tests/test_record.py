@@ -7,7 +7,6 @@ and the same reconciliation counts, malformed frames included.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -34,15 +33,7 @@ COINBASE = DATA / "coinbase_pro_ws_matches_ticker_2021-04-17.jsonl"
 FAST = ConnectionConfig(idle_s=5.0, backoff_base_s=0.01, backoff_cap_s=0.05, healthy_after_s=0.2)
 GARBAGE = ["{not json", b"\xff\xfe binary garbage"]
 
-pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True)
-def keep_sigterm():
-    """`main` turns SIGTERM into KeyboardInterrupt; give pytest its own handler back."""
-    before = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, before)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("keep_sigterm")]
 
 
 def live_flow() -> Flow:
