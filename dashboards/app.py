@@ -134,7 +134,6 @@ class App(pn.viewable.Viewer):
         self.theme = theme
         self.views: dict[str, pn.viewable.Viewer] = {}
         self._panels: dict[str, pn.viewable.Viewable] = {}
-        self._broken: set[str] = set()  # pages whose view raised while being built
         self._callback: pn.io.PeriodicCallback | None = None
         css = _page_css(theme)
         self._title = pn.pane.HTML("", stylesheets=[css], css_classes=["tapeflow-header-title"])
@@ -184,7 +183,8 @@ class App(pn.viewable.Viewer):
             log.exception("could not draw the %s page", page)
             view = None
             self._failed(page, exc)
-        if view is not None and (page not in self._panels or page in self._broken):
+        if view is not None and (page not in self._panels
+                                 or isinstance(self._panels[page], pn.pane.Alert)):
             self._drop_panel(page)
             self._panels[page] = pn.panel(view)
             self._main.append(self._panels[page])
@@ -203,7 +203,6 @@ class App(pn.viewable.Viewer):
             view.start()
 
     def _drop_panel(self, page: str) -> None:
-        self._broken.discard(page)
         old = self._panels.pop(page, None)
         if old is not None:
             self._main.remove(old)
@@ -212,7 +211,6 @@ class App(pn.viewable.Viewer):
         """Show, in place of ``page``, one line saying it could not be drawn (tried again the
         next time the page is opened)."""
         self._drop_panel(page)
-        self._broken.add(page)
         self._panels[page] = pn.pane.Alert(
             f"The {PAGES[page]} page could not be drawn: {type(exc).__name__}: "
             f"{html.escape(str(exc).splitlines()[0] if str(exc) else '')}. The details are in the "

@@ -794,11 +794,6 @@ class CandlesView(PeriodicRefresh, pn.viewable.Viewer):
         with ``rollover=lookback``, the dashed forming segments and the alert markers follow;
         the figures, their ranges and the user's zoom are kept.
         """
-        if not pn.state.loaded:
-            # A served page not loaded yet in the browser: a patch or stream sent now can reach
-            # it after, and on top of, the document it pulls (rows doubled, patches lost). The
-            # first tick after loading catches up from the version last seen.
-            return False
         version = self.source.version()
         alerts_changed = self._poll_alerts()
         if version == self._seen_version:

@@ -131,16 +131,24 @@ def test_a_tick_without_changes_sends_nothing(view: CandlesView, source: FrameSo
     assert events == []
 
 
-def test_refresh_waits_for_a_served_page_to_load(view: CandlesView, source: FrameSource,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ticks_wait_for_a_served_page_to_load(view: CandlesView, source: FrameSource,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
     last = source.bars("1m", "AAA", n=1)
     source.upsert("1m", "AAA", bar(last.index[-1] + pd.Timedelta("1min"), 50.0, 51.0))
-    monkeypatch.setattr(type(pn.state), "loaded", property(lambda self: False))
+    events = record_data_events(view)
+    state = type(pn.state)
+    monkeypatch.setattr(state, "curdoc", property(
+        lambda self: SimpleNamespace(session_context=object())))
+    monkeypatch.setattr(state, "loaded", property(lambda self: False))
 
-    assert not view.refresh()
+    view._tick()  # a served page not loaded yet: nothing read, nothing sent
+    assert events == [] and view._seen_version != source.version()
 
     monkeypatch.undo()
-    assert view.refresh()
+    view._tick()  # the first tick after catches up
+    assert "ColumnsStreamedEvent" in events
     assert_shows(view, source, "1m", "AAA")
 
 

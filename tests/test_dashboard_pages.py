@@ -333,7 +333,7 @@ def test_tile_click_in_the_app_shows_candles_of_that_symbol(source: FrameSource)
     assert app.view.price_figure.title.text.startswith("SYM05 ·")
 
 
-@pytest.mark.parametrize("page", ["market", "quality", "alerts", "monitor"])
+@pytest.mark.parametrize("page", ["candles", "market", "quality", "alerts", "monitor"])
 def test_periodic_ticks_wait_for_the_served_page_to_load(page: str, source: FrameSource,
                                                          monkeypatch) -> None:
     # Panel drops model changes made between the browser's pull of the document and its
